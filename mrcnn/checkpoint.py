@@ -1,0 +1,117 @@
+"""Weights in and out: torchvision's Mask R-CNN state dicts, and our own checkpoints.
+
+Everything is read with `torch.load(weights_only=True)`: tensors and plain containers only,
+never pickled modules.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from mrcnn.config import ModelConfig
+
+# torchvision < 0.13 names -> current names (the remapping torchvision does on load).
+_LEGACY_KEYS = [
+    (re.compile(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$"), r"\1.0.\2"),
+    (re.compile(r"^(rpn\.head\.conv)\.(weight|bias)$"), r"\1.0.0.\2"),
+    (re.compile(r"^(roi_heads\.mask_head)\.mask_fcn(\d+)\.(weight|bias)$"), None),
+]
+
+
+def _read_state_dict(source: dict[str, torch.Tensor] | str | os.PathLike) -> dict[str, torch.Tensor]:
+    if isinstance(source, dict):
+        return dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
+        raise ValueError(f"{path}: not a readable state dict ({e})") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return dict(state)
+
+
+def remap_torchvision_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the older torchvision keys (FPN blocks, RPN conv, mask_fcnN) to the current ones."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        for pattern, repl in _LEGACY_KEYS:
+            m = pattern.match(key)
+            if m and repl is None:  # mask_fcn{k} -> {k-1}.0
+                key = f"{m.group(1)}.{int(m.group(2)) - 1}.0.{m.group(3)}"
+            elif m:
+                key = pattern.sub(repl, key)
+        out[key] = value
+    return out
+
+
+def set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.eps = eps
+
+
+def load_torchvision_weights(
+    model: nn.Module,
+    state_dict_or_path: dict[str, torch.Tensor] | str | os.PathLike,
+    frozen_bn_eps: float | None = None,
+    strict: bool = True,
+) -> None:
+    """Load a state dict of torchvision's `maskrcnn_resnet50_fpn` (or a path to one) into ours.
+
+    Older key names are remapped. torchvision's COCO_V1 weights were trained with
+    FrozenBatchNorm eps 0: pass `frozen_bn_eps=0.0` for them (torchvision does the same with
+    `overwrite_eps`); None keeps the model's eps. With `strict=False`, heads whose shape differs
+    (another number of classes) are skipped, for fine-tuning.
+    """
+    state = remap_torchvision_keys(_read_state_dict(state_dict_or_path))
+    if not strict:
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    result = model.load_state_dict(state, strict=strict)
+    if frozen_bn_eps is not None:
+        set_frozen_bn_eps(model, frozen_bn_eps)
+        if hasattr(model, "cfg"):
+            model.cfg.backbone.norm_eps = frozen_bn_eps
+    return result
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
+    """Save weights + the model config (+ plain extras: optimizer state, step, label map...)."""
+    module = getattr(model, "module", model)  # unwrap DDP
+    payload = {"model": module.state_dict(), "model_config": module.cfg.to_dict(), **extra}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never a half-written checkpoint
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """Rebuild the model from a checkpoint by `save_checkpoint`; returns (model, payload)."""
+    from mrcnn.modeling.mask_rcnn import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if "model" not in payload or "model_config" not in payload:
+        raise ValueError(f"{path} is not a checkpoint written by save_checkpoint "
+                         "(needs 'model' and 'model_config'); for torchvision weights use "
+                         "load_torchvision_weights")
+    cfg = ModelConfig.from_dict(payload["model_config"])
+    cfg.backbone.pretrained_path = None  # the checkpoint holds the weights
+    model = build_model(cfg)
+    model.load_state_dict(payload["model"])
+    return model, payload

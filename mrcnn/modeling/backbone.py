@@ -1,0 +1,91 @@
+"""ResNet body + Feature Pyramid Network (P2-P6), with torchvision's parameter names."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+from torchvision import models
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from mrcnn.config import BackboneConfig
+
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class ResNetBody(nn.ModuleDict):
+    """A torchvision ResNet up to layer4 (no pooling / fc), returning every stage's output.
+
+    Keys follow the classifier's (`conv1`, `bn1`, `layer1`...), so ImageNet weights load as-is.
+    """
+
+    def __init__(self, resnet: nn.Module) -> None:
+        names = ("conv1", "bn1", "relu", "maxpool", *_STAGES)
+        super().__init__(OrderedDict((n, getattr(resnet, n)) for n in names))
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """x: float[B, 3, H, W] -> {"0": C2 [B, C, H/4, W/4], ..., "3": C5 [B, 8C, H/32, W/32]}."""
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for name, module in self.items():
+            x = module(x)
+            if name in _STAGES:
+                out[str(_STAGES.index(name))] = x
+        return out
+
+
+class BackboneWithFPN(nn.Module):
+    """ResNet body + FPN. Output: {"0".."3", "pool"} maps of `out_channels` at strides 4..64."""
+
+    def __init__(self, body: ResNetBody, in_channels: list[int], out_channels: int,
+                 channels_last: bool = False) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.fpn(self.body(x))
+
+
+def build_backbone(cfg: BackboneConfig) -> BackboneWithFPN:
+    """ResNet-FPN as torchvision's `resnet_fpn_backbone`: same freezing, channels and names."""
+    norm_layer = (lambda c: FrozenBatchNorm2d(c, eps=cfg.norm_eps)) if cfg.frozen_bn else nn.BatchNorm2d
+    resnet = getattr(models, cfg.name)(weights=None, norm_layer=norm_layer)
+    if cfg.pretrained_path:
+        load_backbone_weights(resnet, cfg.pretrained_path)
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: cfg.trainable_layers]
+    if cfg.trainable_layers == 5:
+        trainable.append("bn1")
+    for name, param in resnet.named_parameters():
+        if not any(name.startswith(layer) for layer in trainable):
+            param.requires_grad_(False)
+    stage2 = resnet.inplanes // 8  # 64 for resnet18/34, 256 for the bottleneck ResNets
+    in_channels = [stage2 * 2**i for i in range(4)]
+    model = BackboneWithFPN(ResNetBody(resnet), in_channels, cfg.fpn_channels, cfg.channels_last)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def load_backbone_weights(resnet: nn.Module, path: str) -> None:
+    """Load a torchvision ResNet classification state dict (e.g. ImageNet weights) from `path`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(
+            f"model.backbone.pretrained_path={path!r}: cannot read a state dict ({e}); give a "
+            "file saved with torch.save(resnet.state_dict())"
+        ) from e
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"model.backbone.pretrained_path={path!r} does not fit the backbone: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
