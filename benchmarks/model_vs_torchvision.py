@@ -1,0 +1,109 @@
+"""Ours against torchvision's Mask R-CNN: same weights, same inputs, alternated in one process.
+
+    python benchmarks/model_vs_torchvision.py [--repeats 3] [--out benchmarks/results/model.json]
+
+Prints a table of median seconds per train step / inference batch and the ratio
+torchvision / ours (> 1: ours is faster), and writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracle import make_pair  # noqa: E402
+
+CASES = {
+    # name: (backbone, image size, batch, torchvision MaskRCNN overrides)
+    "r50_fpn_512_b2": ("resnet50", 512, 2, {}),
+    "r18_fpn_128_b4_small_heads": ("resnet18", 128, 4, {
+        "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 300,
+        "box_batch_size_per_image": 64}),
+}
+
+
+def _targets(batch: int, size: int, g: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for _ in range(batch):
+        xy = torch.rand(4, 2, generator=g) * size * 0.6
+        wh = torch.rand(4, 2, generator=g) * size * 0.3 + size * 0.1
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], 1)
+        masks = torch.zeros(4, size, size, dtype=torch.uint8)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            m[y1:y2, x1:x2] = 1
+        out.append({"boxes": boxes, "labels": torch.randint(1, 5, (4,), generator=g), "masks": masks})
+    return out
+
+
+def _time(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def _train_step(model, opt, images, targets) -> None:
+    model.train()
+    loss = sum(model(images, targets).values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _infer(model, images) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(images)
+
+
+def run(repeats: int) -> dict:
+    results = {}
+    for name, (backbone, size, batch, overrides) in CASES.items():
+        g = torch.Generator().manual_seed(0)
+        tv, ours = make_pair(backbone, min_size=size, max_size=size, **overrides)
+        images = [torch.rand(3, size, size, generator=g) for _ in range(batch)]
+        targets = _targets(batch, size, g)
+        models = {"torchvision": tv, "ours": ours}
+        opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+                for k, m in models.items()}
+        times = {(k, phase): [] for k in models for phase in ("train_step", "inference")}
+        for key, m in models.items():  # warm-up
+            _train_step(m, opts[key], images, targets)
+            _infer(m, images)
+        for _ in range(repeats):
+            for key, m in models.items():  # alternate, so drift hits both alike
+                times[(key, "train_step")].append(_time(_train_step, m, opts[key], images, targets))
+                times[(key, "inference")].append(_time(_infer, m, images))
+        for phase in ("train_step", "inference"):
+            tv_s = statistics.median(times[("torchvision", phase)])
+            our_s = statistics.median(times[("ours", phase)])
+            results[f"{name}/{phase}"] = {"torchvision_s": tv_s, "ours_s": our_s,
+                                          "speedup": tv_s / our_s}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/model_vs_torchvision.json")
+    args = parser.parse_args()
+    results = run(args.repeats)
+    print(f"{'case':44s} {'torchvision s':>14s} {'ours s':>10s} {'speedup':>8s}")
+    for k, r in results.items():
+        print(f"{k:44s} {r['torchvision_s']:14.3f} {r['ours_s']:10.3f} {r['speedup']:8.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": "cpu", "repeats": args.repeats}
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Public API, bad input, config validation and checkpoints of the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import make_pair
+from test_model_learning import small_config
+
+from mrcnn import MaskRCNN, ModelConfig, build_model
+from mrcnn.checkpoint import load_checkpoint, load_torchvision_weights, save_checkpoint
+from mrcnn.modeling.postprocess import paste_masks
+
+
+@pytest.fixture(scope="module")
+def model() -> MaskRCNN:
+    torch.manual_seed(0)
+    return build_model(small_config())
+
+
+def _target(n=1):
+    boxes = torch.tensor([[10.0, 10, 50, 60]] * n)
+    masks = torch.zeros(n, 100, 120, dtype=torch.uint8)
+    masks[:, 10:60, 10:50] = 1
+    return {"boxes": boxes, "labels": torch.ones(n, dtype=torch.int64), "masks": masks}
+
+
+def test_eval_output_types_and_sizes(model):
+    model.eval()
+    images = [torch.rand(3, 100, 120), torch.rand(3, 77, 64)]
+    with torch.no_grad():
+        out = model(images)
+    for det, im in zip(out, images):
+        n = det["boxes"].shape[0]
+        assert det["boxes"].dtype == torch.float32 and det["boxes"].shape == (n, 4)
+        assert det["labels"].dtype == torch.int64 and det["labels"].shape == (n,)
+        assert det["scores"].shape == (n,)
+        assert det["masks"].dtype == torch.bool and det["masks"].shape == (n, *im.shape[1:])
+
+
+@pytest.mark.parametrize("images,message", [
+    ([torch.rand(100, 120)], r"images\[0\] must be float\[3, H, W\]"),
+    ([torch.rand(1, 100, 120)], r"images\[0\] must be float\[3, H, W\]"),
+    ([torch.randint(0, 255, (3, 100, 120), dtype=torch.uint8)], "dtype torch.uint8"),
+    ([], "non-empty list"),
+])
+def test_bad_images_are_named(model, images, message):
+    model.eval()
+    with pytest.raises(ValueError, match=message):
+        model(images)
+
+
+def test_training_target_errors(model):
+    model.train()
+    image = [torch.rand(3, 100, 120)]
+    with pytest.raises(ValueError, match="needs targets"):
+        model(image)
+    bad = _target()
+    bad["boxes"] = torch.tensor([[10.0, 10, 10, 60]])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\]\[0\].*positive width"):
+        model(image, [bad])
+    bad = _target()
+    bad["labels"] = torch.tensor([7])
+    with pytest.raises(ValueError, match=r"labels'\] must be in 1..2"):
+        model(image, [bad])
+    bad = _target()
+    del bad["masks"]
+    with pytest.raises(ValueError, match="has no 'masks'"):
+        model(image, [bad])
+
+
+def test_empty_targets_are_legal(model):
+    model.train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 100, 120, dtype=torch.uint8)}
+    losses = model([torch.rand(3, 100, 120), torch.rand(3, 100, 120)], [empty, _target()])
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses = model([torch.rand(3, 100, 120)], [empty])
+    assert losses["loss_mask"].item() == 0 and losses["loss_box_reg"].item() == 0
+    sum(losses.values()).backward()
+
+
+def test_config_validation_names_the_key():
+    cfg = ModelConfig()
+    cfg.backbone.name = "vgg16"
+    cfg.anchors.sizes = [[32], [64]]
+    cfg.roi_heads.detections_per_img = -1
+    with pytest.raises(ValueError) as e:
+        build_model(cfg)
+    msg = str(e.value)
+    assert "model.backbone.name='vgg16'" in msg
+    assert "model.anchors.sizes has 2 levels" in msg
+    assert "model.roi_heads.detections_per_img=-1" in msg
+    with pytest.raises(ValueError, match="unknown key.*bogus"):
+        ModelConfig.from_dict({"rpn": {"bogus": 1}})
+
+
+def test_checkpoint_roundtrip(tmp_path, model):
+    save_checkpoint(tmp_path / "ck.pt", model, step=7, label_map={"1": 3})
+    loaded, payload = load_checkpoint(tmp_path / "ck.pt")
+    assert payload["step"] == 7 and payload["label_map"] == {"1": 3}
+    model.eval()
+    loaded.eval()
+    image = [torch.rand(3, 96, 96)]
+    with torch.no_grad():
+        a, b = model(image)[0], loaded(image)[0]
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_torchvision_file_with_legacy_keys_and_coco_eps(tmp_path):
+    tv, ours = make_pair("resnet18")
+    state = tv.state_dict()
+    legacy = {}
+    for k, v in state.items():  # torchvision < 0.13 names
+        k = k.replace("fpn.inner_blocks.0.0.", "fpn.inner_blocks.0.").replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        k = k.replace("mask_head.0.0.", "mask_head.mask_fcn1.").replace("mask_head.3.0.", "mask_head.mask_fcn4.")
+        legacy[k] = v
+    assert "rpn.head.conv.weight" in legacy and "roi_heads.mask_head.mask_fcn4.weight" in legacy
+    torch.save(legacy, tmp_path / "legacy.pth")
+    fresh = build_model(ours.cfg)
+    load_torchvision_weights(fresh, tmp_path / "legacy.pth", frozen_bn_eps=0.0)
+    for (k, a), b in zip(ours.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert fresh.backbone.body.bn1.eps == 0.0 and fresh.cfg.backbone.norm_eps == 0.0
+    with pytest.raises(FileNotFoundError):
+        load_torchvision_weights(fresh, tmp_path / "nope.pth")
+
+
+def test_paste_masks_equals_torchvision_paste():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(40, 28, 28, generator=g)
+    xy = torch.rand(40, 2, generator=g) * torch.tensor([90.0, 60])
+    wh = torch.rand(40, 2, generator=g) * 60 + 0.5
+    boxes = torch.cat([xy, xy + wh], dim=1)  # some run past the image edge
+    ours = paste_masks(probs, boxes, (64, 100))
+    theirs = paste_masks_in_image(probs[:, None], boxes, (64, 100))[:, 0] > 0.5
+    assert ours.shape == (40, 64, 100)
+    assert torch.equal(ours, theirs)
+    assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (5, 5)).shape == (0, 5, 5)
