@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -10,3 +11,25 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py and helpers
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray instance for the session (4 logical CPUs: 2 train workers + data tasks)."""
+    import ray
+
+    here = Path(__file__).parent
+    # Workers import test helpers (train loops defined in tests/) and the project.
+    pythonpath = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    from mrcnn.data.shapes import write_shapes_dataset
+
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), train=12, val=5, size=96, seed=0)

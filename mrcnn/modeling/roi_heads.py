@@ -25,7 +25,7 @@ class TwoMLPHead(nn.Module):
         self.fc7 = nn.Linear(representation_size, representation_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(start_dim=1)))))
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(start_dim=1)), inplace=True)), inplace=True)
 
 
 class FastRCNNPredictor(nn.Module):
@@ -102,6 +102,8 @@ class RoIHeads(nn.Module):
         Training returns ([], losses). Eval returns per image `boxes` float[N, 4], `labels`
         int64[N], `scores` float[N], `mask_probs` float[N, M, M] (mask of the predicted class).
         """
+        # torchvision's CPU roi_align wants NCHW: convert once here, not in each of its calls.
+        features = {k: v.contiguous() for k, v in features.items()}
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")

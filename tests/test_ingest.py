@@ -1,0 +1,131 @@
+"""Ray Data ingestion: local folders, s3:// on a local S3 server, and Ray Train sharding."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from s3server import s3_server, set_credentials, upload_folder
+
+from mrcnn.masks import decode_rle_masks
+from workflows.config import DataConfig
+from workflows.data import (
+    ExactSplitDataConfig,
+    batch_to_model_inputs,
+    image_dataset,
+    load_split,
+)
+
+
+def _data_cfg(root, **kw) -> dict:
+    return dataclasses.asdict(DataConfig(root=str(root), **kw))
+
+
+def test_local_split_streams_decoded_images_with_rle(ray_local, shapes_root):
+    cfg = _data_cfg(shapes_root)
+    split = load_split(cfg, "val")
+    rows = image_dataset(split, cfg, train=False).take_all()
+    assert sorted(r["image_id"] for r in rows) == sorted(r["image_id"] for r in split.records)
+    for row in rows:
+        assert row["image"].dtype == np.uint8 and row["image"].shape == (3, 96, 96)
+        anns = json.loads(row["target"])
+        masks = decode_rle_masks([a["rle"] for a in anns], (96, 96))  # RLE travels, not pixels
+        assert masks.shape[0] == len(anns) and all(m.sum() > 0 for m in masks)
+    images, targets, ids = batch_to_model_inputs(
+        {"image": [r["image"] for r in rows[:2]], "target": [r["target"] for r in rows[:2]],
+         "image_id": [r["image_id"] for r in rows[:2]]})
+    assert images[0].dtype == torch.float32 and targets[0]["boxes"].shape[1] == 4
+    assert isinstance(targets[0]["masks"], list) and len(ids) == 2
+
+
+def test_training_augmentation_flips_and_rescales(ray_local, shapes_root):
+    cfg = _data_cfg(shapes_root)
+    cfg["augment"] = {"hflip_prob": 1.0, "scales": [64], "max_size": 1000}
+    split = load_split(cfg, "val")
+    rows = {r["image_id"]: r for r in image_dataset(split, cfg, train=True).take_all()}
+    plain = {r["image_id"]: r for r in image_dataset(split, _data_cfg(shapes_root), train=False).take_all()}
+    for image_id, row in rows.items():
+        assert row["image"].shape == (3, 64, 64)
+        a = json.loads(row["target"])[0]
+        b = json.loads(plain[image_id]["target"])[0]
+        x1, y1, x2, y2 = b["bbox"]
+        assert a["bbox"] == pytest.approx([(96 - x2) * 2 / 3, y1 * 2 / 3, (96 - x1) * 2 / 3, y2 * 2 / 3])
+
+
+def test_corrupt_image_is_dropped_not_fatal(ray_local, shapes_root, tmp_path):
+    root = tmp_path / "shapes"
+    shutil.copytree(shapes_root, root)
+    (root / "val/000001.jpg").write_bytes(b"truncated")
+    cfg = _data_cfg(root)
+    split = load_split(cfg, "val")
+    rows = image_dataset(split, cfg, train=False).take_all()
+    assert len(rows) == len(split.records) - 1
+    assert "val/000001.jpg" not in {r["file_name"] for r in rows}
+
+
+def test_missing_image_fails_before_any_work(shapes_root, tmp_path):
+    root = tmp_path / "shapes"
+    shutil.copytree(shapes_root, root)
+    (root / "train/000003.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="train/000003.jpg"):
+        load_split(_data_cfg(root), "train")
+    split = load_split(_data_cfg(root, missing_images="skip"), "train")
+    assert split.report.counts["missing image file"] == 1
+    with pytest.raises(FileNotFoundError, match="data.val_annotations: .*nope.json does not exist"):
+        load_split(_data_cfg(root, val_annotations="nope.json"), "val")
+
+
+def test_s3_root_on_a_local_s3_server(ray_local, shapes_root):
+    set_credentials()
+    with s3_server() as endpoint:
+        upload_folder(endpoint, "datasets", shapes_root, "shapes")
+        cfg = _data_cfg("s3://datasets/shapes")
+        cfg["s3"]["endpoint_override"] = endpoint
+        cfg["s3"]["access_key"] = cfg["s3"]["secret_key"] = "testing"
+        split = load_split(cfg, "val")
+        assert split.records[0]["path"].startswith("s3://datasets/shapes/val/")
+        rows = image_dataset(split, cfg, train=False).take_all()
+        local = {r["image_id"]: r for r in image_dataset(
+            load_split(_data_cfg(shapes_root), "val"), _data_cfg(shapes_root), train=False).take_all()}
+        assert len(rows) == len(local) == 5
+        for r in rows:
+            assert np.array_equal(r["image"], local[r["image_id"]]["image"])
+
+
+def _collect_ids(config):
+    import ray.train
+
+    ctx = ray.train.get_context()
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(2):
+        ids = []
+        for batch in shard.iter_batches(batch_size=2, batch_format="numpy"):
+            ids += [int(i) for i in batch["image_id"]]
+        path = f"{config['out']}/rank{ctx.get_world_rank()}_epoch{epoch}.json"
+        with open(path, "w") as f:
+            json.dump({"ids": ids, "node": ray.get_runtime_context().get_node_id()}, f)
+
+
+def test_two_workers_see_each_image_exactly_once_per_epoch(ray_local, shapes_root, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = _data_cfg(shapes_root)
+    split = load_split(cfg, "train")  # 12 images: shards of 6 and 6, or uneven, never lost
+    trainer = TorchTrainer(
+        _collect_ids, train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        datasets={"train": image_dataset(split, cfg, train=True)},
+        dataset_config=ExactSplitDataConfig(),
+        run_config=RunConfig(name="shard-test", storage_path=str(tmp_path / "runs")),
+    )
+    trainer.fit()
+    expected = sorted(r["image_id"] for r in split.records)
+    for epoch in range(2):
+        shards = [json.loads((tmp_path / f"rank{r}_epoch{epoch}.json").read_text())["ids"] for r in (0, 1)]
+        assert shards[0] and shards[1]
+        assert sorted(shards[0] + shards[1]) == expected

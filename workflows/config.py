@@ -1,0 +1,166 @@
+"""The job configuration schema (dataclasses), registered in Hydra's ConfigStore.
+
+YAML under conf/ fills these groups: model/, data/, trainer/, tracking/, experiment/. Unknown
+keys and wrong types fail when Hydra composes; `validate` checks values before any Ray work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from mrcnn.config import ModelConfig
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@dataclass
+class S3Config:
+    """pyarrow S3 settings; credentials default to the usual AWS environment / files."""
+
+    endpoint_override: Optional[str] = None
+    region: str = "us-east-1"
+    access_key: Optional[str] = None
+    secret_key: Optional[str] = None
+    anonymous: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    hflip_prob: float = 0.5
+    # Shorter-side sizes drawn per training image in the data pipeline (multi-scale). Empty:
+    # images keep their size and the model's transform resizes them.
+    scales: List[int] = field(default_factory=list)
+    max_size: int = 1333
+
+
+@dataclass
+class ShapesGenConfig:
+    train: int = 256
+    val: int = 32
+    size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    # Local folder or s3://bucket/prefix; the paths below are relative to it unless absolute.
+    root: str = "data/shapes"
+    train_annotations: str = "annotations/instances_train.json"
+    train_images: str = ""
+    val_annotations: str = "annotations/instances_val.json"
+    val_images: str = ""
+    # "error": a missing image file stops the job before training, naming it; "skip": dropped.
+    missing_images: str = "error"
+    # Generate the synthetic shapes dataset at `root` when it is missing (shapes only).
+    generate: Optional[ShapesGenConfig] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    # Images decoded per map_batches call, and how many such tasks run at once.
+    decode_batch_size: int = 8
+    decode_concurrency: int = 2
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.02  # for `base_batch_size` images a step; scaled linearly with the real total
+    base_batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    warmup_factor: float = 0.001
+    # LR x gamma at these fractions of the total steps (the paper's 1x: 2/3 and 8/9).
+    milestones: List[float] = field(default_factory=lambda: [0.667, 0.889])
+    gamma: float = 0.1
+    grad_clip_norm: Optional[float] = None
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    amp: bool = False  # autocast + GradScaler; used on GPU only
+    epochs: int = 1
+    batch_size: int = 2  # per worker
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    log_every_steps: int = 10
+    eval_every_epochs: int = 1
+    checkpoint_every_epochs: int = 1
+    num_to_keep: int = 2
+    max_failures: int = 0
+    # Weights to start from: a torchvision Mask R-CNN state dict file (fine-tuning).
+    init_weights: Optional[str] = None
+    # Torch threads per worker (0: leave torch's default).
+    torch_threads: int = 0
+    # Stop after this many optimizer steps in total (0: run all epochs).
+    max_steps: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    # None: a SQLite file under output_dir (absolute). On a cluster: http://mlflow-host:5000.
+    tracking_uri: Optional[str] = None
+    experiment: str = "maskrcnn"
+    log_images: int = 4
+    # Register the final model under this name (alias `candidate`); None: do not register.
+    registered_model: Optional[str] = None
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Ray Train run name: rerunning with the same name resumes from its last checkpoint.
+    run_name: Optional[str] = None
+    # Checkpoints, MLflow SQLite and the shapes data default under here (local or shared FS).
+    output_dir: str = "outputs"
+    seed: int = 0
+    # Ray address: None starts or joins a local instance ("auto" under `ray job submit`).
+    ray_address: Optional[str] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved plain dict: what crosses to Ray workers and into checkpoints."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Value checks Hydra's types cannot express; raise ValueError naming the key."""
+    ModelConfig.from_dict(cfg["model"]).validate()
+    errors = []
+    data, trainer = cfg["data"], cfg["trainer"]
+    if data["missing_images"] not in ("error", "skip"):
+        errors.append(f"data.missing_images={data['missing_images']!r} must be 'error' or 'skip'")
+    if not 0 <= data["augment"]["hflip_prob"] <= 1:
+        errors.append("data.augment.hflip_prob must be in [0, 1]")
+    if any(s <= 0 for s in data["augment"]["scales"]):
+        errors.append(f"data.augment.scales={data['augment']['scales']} must be positive")
+    for key in ("num_workers", "epochs", "batch_size", "cpus_per_worker", "log_every_steps",
+                "num_to_keep", "checkpoint_every_epochs", "eval_every_epochs"):
+        if trainer[key] <= 0:
+            errors.append(f"trainer.{key}={trainer[key]} must be > 0")
+    if trainer["max_failures"] < -1:
+        errors.append("trainer.max_failures must be >= -1 (-1: retry forever)")
+    opt = trainer["optimizer"]
+    if opt["name"] not in ("sgd", "adamw"):
+        errors.append(f"trainer.optimizer.name={opt['name']!r} must be 'sgd' or 'adamw'")
+    if opt["lr"] <= 0:
+        errors.append(f"trainer.optimizer.lr={opt['lr']} must be > 0")
+    if any(not 0 < m < 1 for m in opt["milestones"]):
+        errors.append("trainer.optimizer.milestones are fractions of the run, each in (0, 1)")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))

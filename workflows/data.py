@@ -1,0 +1,166 @@
+"""Ray Data ingestion of COCO-format datasets, local or s3://, streaming.
+
+Driver: the annotation file is read once into records (mrcnn.data.coco). Ray Data: records ->
+`map_batches(decode_batch)` reads the image bytes through pyarrow, decodes, augments, and emits
+rows `{image_id, file_name, image: uint8[3, H, W], target: JSON(annotations with RLE masks)}`.
+Masks travel as RLE; they are decoded inside the model, on the training worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.train import DataConfig
+
+from mrcnn.data.coco import CategoryMap, ValidationReport, load_coco_records
+from mrcnn.data.images import ImageDecodeError, decode_image
+from mrcnn.data.shapes import write_shapes_dataset
+from mrcnn.data.transforms import horizontal_flip, resize_shorter_side, to_model_inputs
+from workflows.storage import filesystem, is_s3, join, list_files, read_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    name: str
+    records: list[dict[str, Any]]
+    categories: CategoryMap
+    report: ValidationReport
+    coco: dict[str, Any]  # the parsed annotation file: the ground truth for COCOeval
+
+
+def ensure_shapes(data_cfg: dict[str, Any]) -> None:
+    """Generate the synthetic dataset at `data.root` if it is configured and not complete."""
+    gen = data_cfg.get("generate")
+    root = data_cfg["root"]
+    if not gen or is_s3(root) or (Path(root) / ".complete").is_file():
+        return
+    log.info("generating the shapes dataset at %s (%s)", root, gen)
+    write_shapes_dataset(root, gen["train"], gen["val"], gen["size"], gen["seed"])
+
+
+def load_split(data_cfg: dict[str, Any], split: str, categories: CategoryMap | None = None) -> Split:
+    """Read and validate `data.<split>_annotations`; each record gains `path`, its image URI."""
+    root, s3 = data_cfg["root"], data_cfg["s3"]
+    ann_uri = join(root, data_cfg[f"{split}_annotations"])
+    images_root = join(root, data_cfg[f"{split}_images"])
+    try:
+        coco = json.loads(read_bytes(ann_uri, s3))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"data.{split}_annotations: {ann_uri} does not exist (data.root={root!r})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"data.{split}_annotations: {ann_uri} is not valid JSON: {e}") from e
+    if is_s3(images_root):
+        present = list_files(images_root, s3)
+        exists = lambda f: join(images_root, f) in present  # noqa: E731
+    else:
+        exists = lambda f: os.path.isfile(join(images_root, f))  # noqa: E731
+    records, cats, report = load_coco_records(
+        coco, image_exists=exists, missing_images=data_cfg["missing_images"], categories=categories)
+    report.source = ann_uri
+    for r in records:
+        r["path"] = join(images_root, r["file_name"])
+    if report.counts:
+        log.warning("%s", report)
+    return Split(split, records, cats, report, coco)
+
+
+def records_dataset(records: list[dict[str, Any]]) -> ray.data.Dataset:
+    rows = [{"image_id": r["image_id"], "path": r["path"], "file_name": r["file_name"],
+             "height": r["height"], "width": r["width"], "annotations": json.dumps(r["annotations"])}
+            for r in records]
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
+
+
+_FS_CACHE: dict[str, Any] = {}
+
+
+def _read(uri: str, s3: dict[str, Any]) -> bytes:
+    key = "s3" if is_s3(uri) else "local"
+    if key not in _FS_CACHE:  # one filesystem per worker process, not one per image
+        _FS_CACHE[key] = filesystem(uri, s3)[0]
+    path = uri[len("s3://"):] if is_s3(uri) else uri
+    with _FS_CACHE[key].open_input_stream(path) as f:
+        return f.read()
+
+
+def decode_batch(batch: dict[str, np.ndarray], s3: dict[str, Any], train: bool,
+                 augment: dict[str, Any]) -> dict[str, Any]:
+    """Read, decode and augment a batch of records. An unreadable image is dropped with a
+    warning naming it; the epoch goes on."""
+    out: dict[str, list] = {k: [] for k in ("image_id", "file_name", "image", "target")}
+    for i in range(len(batch["image_id"])):
+        path = str(batch["path"][i])
+        try:
+            image = decode_image(_read(path, s3), path)
+        except (ImageDecodeError, OSError) as e:
+            log.warning("skipping image: %s", e)
+            continue
+        h, w = int(batch["height"][i]), int(batch["width"][i])
+        if image.shape[:2] != (h, w):
+            log.warning("skipping image %s: decoded size %sx%s differs from the annotation file's "
+                        "%sx%s", path, image.shape[1], image.shape[0], w, h)
+            continue
+        anns = json.loads(batch["annotations"][i])
+        if train:
+            if random.random() < augment["hflip_prob"]:
+                image, anns = horizontal_flip(image, anns)
+            if augment["scales"]:
+                size = random.choice(list(augment["scales"]))
+                image, anns = resize_shorter_side(image, anns, size, augment["max_size"])
+        out["image_id"].append(int(batch["image_id"][i]))
+        out["file_name"].append(str(batch["file_name"][i]))
+        out["image"].append(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        out["target"].append(json.dumps(anns))
+    return {
+        "image_id": np.array(out["image_id"], dtype=np.int64),
+        "file_name": np.array(out["file_name"], dtype=object),
+        "image": out["image"],
+        "target": np.array(out["target"], dtype=object),
+    }
+
+
+def image_dataset(split: Split, data_cfg: dict[str, Any], train: bool) -> ray.data.Dataset:
+    """The streaming dataset of decoded (and, for training, augmented) images of a split."""
+    ds = records_dataset(split.records)
+    if train:
+        ds = ds.randomize_block_order()  # cheap per-epoch reshuffle; workers add a local buffer
+    return ds.map_batches(
+        decode_batch, batch_size=data_cfg["decode_batch_size"], concurrency=data_cfg["decode_concurrency"],
+        fn_kwargs={"s3": data_cfg["s3"], "train": train, "augment": data_cfg["augment"]},
+    )
+
+
+def batch_to_model_inputs(batch: dict[str, Any]) -> tuple[list, list[dict], list[int]]:
+    """A numpy batch from `iter_batches` -> (float images, targets with RLE masks, image ids)."""
+    images, targets = [], []
+    for image, target in zip(batch["image"], batch["target"]):
+        im, t = to_model_inputs(np.asarray(image), json.loads(target))
+        images.append(im)
+        targets.append(t)
+    return images, targets, [int(i) for i in batch["image_id"]]
+
+
+class ExactSplitDataConfig(DataConfig):
+    """Shards every dataset with `streaming_split(equal=False)`: each image exactly once per
+    epoch across the workers. (Ray Train's default, `equal=True`, may drop rows to even the
+    shards; uneven shard ends are handled in the training loop with DDP's join.)"""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[i][name] = split
+        return output
