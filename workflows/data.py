@@ -136,7 +136,8 @@ def image_dataset(split: Split, data_cfg: dict[str, Any], train: bool) -> ray.da
     if train:
         ds = ds.randomize_block_order()  # cheap per-epoch reshuffle; workers add a local buffer
     return ds.map_batches(
-        decode_batch, batch_size=data_cfg["decode_batch_size"], concurrency=data_cfg["decode_concurrency"],
+        decode_batch, batch_size=data_cfg["decode_batch_size"],
+        compute=ray.data.TaskPoolStrategy(size=data_cfg["decode_concurrency"]),
         fn_kwargs={"s3": data_cfg["s3"], "train": train, "augment": data_cfg["augment"]},
     )
 
