@@ -13,14 +13,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
-    """One local Ray instance for the session (4 logical CPUs: 2 train workers + data tasks)."""
+    """A local Ray instance for a test module (4 logical CPUs: 2 train workers + data tasks)."""
     import ray
 
     here = Path(__file__).parent
     # Workers import test helpers (train loops defined in tests/) and the project.
     pythonpath = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -86,6 +86,8 @@ class TrainerConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    # Ray placement of the workers: PACK fills a node first, SPREAD puts them on different nodes.
+    placement_strategy: str = "PACK"
     amp: bool = False  # autocast + GradScaler; used on GPU only
     epochs: int = 1
     batch_size: int = 2  # per worker
@@ -153,6 +155,9 @@ def validate(cfg: dict[str, Any]) -> None:
                 "num_to_keep", "checkpoint_every_epochs", "eval_every_epochs"):
         if trainer[key] <= 0:
             errors.append(f"trainer.{key}={trainer[key]} must be > 0")
+    if trainer["placement_strategy"] not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        errors.append(f"trainer.placement_strategy={trainer['placement_strategy']!r} must be PACK, SPREAD, "
+                      "STRICT_PACK or STRICT_SPREAD")
     if trainer["max_failures"] < -1:
         errors.append("trainer.max_failures must be >= -1 (-1: retry forever)")
     opt = trainer["optimizer"]

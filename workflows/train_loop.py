@@ -95,6 +95,12 @@ def train_loop(config: dict[str, Any]) -> None:
 
     client = MlflowClient(config["tracking_uri"]) if rank == 0 else None
     run_id = config["run_id"]
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node] * world
+    if world > 1:
+        dist.all_gather_object(nodes, node)
+    if rank == 0:
+        client.set_tag(run_id, "ray.worker_nodes", ",".join(nodes))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     t_start, steps_at_start = time.time(), step

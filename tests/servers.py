@@ -1,0 +1,67 @@
+"""Real services on 127.0.0.1 for the tests: an MLflow tracking server and a Ray head."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer in {timeout}s")
+
+
+@contextmanager
+def mlflow_server(root: Path):
+    """`mlflow server` with a SQLite store and local artifacts; yields its URL."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=90)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@contextmanager
+def ray_head(tmp: Path, num_cpus: int = 3):
+    """`ray start --head` on 127.0.0.1 with the dashboard (job API); yields the dashboard URL."""
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+                    "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                    "--num-cpus", str(num_cpus), "--disable-usage-stats", "--temp-dir", str(tmp)],
+                   check=True, env=env, capture_output=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_http(f"{url}/api/version", timeout=90)
+        yield url
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
