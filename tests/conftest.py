@@ -34,3 +34,23 @@ def shapes_root(tmp_path_factory):
     from mrcnn.data.shapes import write_shapes_dataset
 
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), train=12, val=5, size=96, seed=0)
+
+
+@pytest.fixture(scope="session")
+def gapped_shapes(tmp_path_factory):
+    """Shapes with category ids 3, 7, 11: predictions must come back with those ids."""
+    import json
+
+    from mrcnn.data.shapes import write_shapes_dataset
+
+    root = write_shapes_dataset(tmp_path_factory.mktemp("gapped"), train=8, val=4, size=64, seed=1)
+    remap = {1: 3, 2: 7, 3: 11}
+    for split in ("train", "val"):
+        p = root / f"annotations/instances_{split}.json"
+        d = json.loads(p.read_text())
+        for c in d["categories"]:
+            c["id"] = remap[c["id"]]
+        for a in d["annotations"]:
+            a["category_id"] = remap[a["category_id"]]
+        p.write_text(json.dumps(d))
+    return root

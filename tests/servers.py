@@ -36,11 +36,12 @@ def mlflow_server(root: Path):
     """`mlflow server` with a SQLite store and local artifacts; yields its URL."""
     port = free_port()
     root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - outlives this statement, closed below
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", timeout=90)
@@ -48,6 +49,7 @@ def mlflow_server(root: Path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+        log.close()
 
 
 @contextmanager

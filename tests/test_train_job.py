@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from jobs import compose_job, tiny
 from mlflow.tracking import MlflowClient
 from servers import mlflow_server
 
-from mrcnn.data.shapes import write_shapes_dataset
-from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.train import prepare, run
-
-register_configs()
-
-
-def compose_job(overrides: list[str]) -> dict:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_container(compose(config_name="config", overrides=overrides))
-
-
-def tiny(out: Path, root: Path, *extra: str) -> dict:
-    return compose_job([
-        f"output_dir={out}", f"data.root={root}", "data.generate=null",
-        "model.transform.min_size=[64]", "model.transform.max_size=64",
-        "model.roi_heads.score_thresh=0.0",
-        "trainer.batch_size=2", "trainer.log_every_steps=1", "trainer.max_failures=0",
-        "trainer.optimizer.warmup_steps=2", "tracking.log_images=2", *extra])
 
 
 def test_default_composition_and_groups():
@@ -61,22 +41,6 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override, message):
 def test_invalid_values_fail_before_ray(override, message):
     with pytest.raises(ValueError, match=message):
         prepare(compose_job([override]))
-
-
-@pytest.fixture(scope="module")
-def gapped_shapes(tmp_path_factory):
-    """Shapes with category ids 3, 7, 11: predictions must come back with those ids."""
-    root = write_shapes_dataset(tmp_path_factory.mktemp("gapped"), train=8, val=4, size=64, seed=1)
-    remap = {1: 3, 2: 7, 3: 11}
-    for split in ("train", "val"):
-        p = root / f"annotations/instances_{split}.json"
-        d = json.loads(p.read_text())
-        for c in d["categories"]:
-            c["id"] = remap[c["id"]]
-        for a in d["annotations"]:
-            a["category_id"] = remap[a["category_id"]]
-        p.write_text(json.dumps(d))
-    return root
 
 
 def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
@@ -113,8 +77,9 @@ def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
         assert labels.category_ids == [3, 7, 11]
         ckpt_model, ckpt_labels = load_model(second["checkpoint"])
         assert ckpt_labels.category_ids == [3, 7, 11]
-        from mrcnn.evaluation.coco_eval import to_coco_results
         import torch
+
+        from mrcnn.evaluation.coco_eval import to_coco_results
 
         ckpt_model.eval()
         with torch.no_grad():
@@ -131,3 +96,33 @@ def test_missing_image_stops_the_job_before_training(ray_local, gapped_shapes, t
     with pytest.raises(FileNotFoundError, match="val/000002.jpg"):
         run(tiny(tmp_path / "out", root))
     assert not (tmp_path / "out" / "ray_results").exists()
+
+
+def test_recovers_from_a_killed_worker(ray_local, gapped_shapes, tmp_path):
+    """Kill the training worker after the first checkpoint: Ray Train restarts it from there and
+    the job finishes, into the same MLflow run."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    cfg = tiny(tmp_path / "out", gapped_shapes, "trainer.epochs=3", "trainer.max_failures=1", "run_name=kill")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run(cfg)))
+    thread.start()
+    runs = tmp_path / "out" / "ray_results" / "kill"
+    deadline = time.time() + 300
+    while not list(runs.glob("checkpoint_*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.5)
+    victims = [p for p in psutil.process_iter(["cmdline"])
+               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    assert victims, "no training worker process found"
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    thread.join(timeout=600)
+    assert result, "the job did not finish after the worker was killed"
+    assert result["metrics"]["epoch"] == 2
+    client = MlflowClient(result["tracking_uri"])
+    exp = client.get_experiment_by_name("maskrcnn")
+    assert len(client.search_runs([exp.experiment_id], filter_string="tags.ray_run_name = 'kill'")) == 1

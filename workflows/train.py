@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     validate(cfg)
 
     if not ray.is_initialized():
+        if cfg["ray_address"] is None:
+            # A local instance: the training workers are the job, so they are not niced below
+            # Ray's own processes (measured 1.3 -> 1.0 s a step on 2 cores).
+            os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address=cfg["ray_address"], log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     run_name = cfg["run_name"] or time.strftime("mrcnn-%Y%m%d-%H%M%S")

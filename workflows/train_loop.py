@@ -63,6 +63,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if trainer_cfg["torch_threads"]:
         torch.set_num_threads(trainer_cfg["torch_threads"])
     torch.manual_seed(cfg["seed"] + rank)
+    if rank == 0:
+        print(f"{world} worker(s), {torch.get_num_threads()} torch threads each", flush=True)
     device = ray.train.torch.get_device()
     use_amp = trainer_cfg["amp"] and device.type == "cuda"
 
@@ -156,7 +158,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     metrics.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"], images_per_s=ips,
                                    data_wait_s=data_wait / max(n_steps, 1))
                     log_metrics(client, run_id, metrics, step)
-                    print(f"epoch {epoch} step {step}/{total_steps} loss {loss.item():.3f} "
+                    print(f"{time.strftime('%H:%M:%S')} epoch {epoch} step {step}/{total_steps} loss {loss.item():.3f} "
                           f"lr {metrics['lr']:.2e} {ips:.1f} img/s data wait {metrics['data_wait_s']:.2f}s "
                           f"ETA {eta / 60:.1f} min", flush=True)
 

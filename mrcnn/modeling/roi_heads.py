@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 from mrcnn.config import RoIHeadsConfig
 from mrcnn.modeling.box_coding import BoxCoder
 from mrcnn.modeling.losses import fastrcnn_loss, maskrcnn_loss
+from mrcnn.modeling.roi_align import MultiScaleRoIAlign
 from mrcnn.modeling.sampling import BalancedPositiveNegativeSampler, Matcher
 
 FEATURE_NAMES = ["0", "1", "2", "3"]  # RoIs pool from P2-P5; P6 serves the RPN only
@@ -102,8 +102,6 @@ class RoIHeads(nn.Module):
         Training returns ([], losses). Eval returns per image `boxes` float[N, 4], `labels`
         int64[N], `scores` float[N], `mask_probs` float[N, M, M] (mask of the predicted class).
         """
-        # torchvision's CPU roi_align wants NCHW: convert once here, not in each of its calls.
-        features = {k: v.contiguous() for k, v in features.items()}
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")

@@ -1,0 +1,85 @@
+"""The training job on real Ray clusters: a head started with `ray start` and a two-node cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from jobs import tiny
+from mlflow.tracking import MlflowClient
+from servers import ray_head
+
+from workflows.train import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_job_submitted_to_a_ray_head(gapped_shapes, tmp_path, monkeypatch):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    ray.shutdown()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    db = tmp_path / "mlflow.db"
+    overrides = [f"output_dir={tmp_path / 'out'}", f"data.root={gapped_shapes}", "data.generate=null",
+                 "model.transform.min_size=[64]", "model.transform.max_size=64", "trainer.batch_size=2",
+                 "trainer.epochs=1", "trainer.max_steps=2", "trainer.log_every_steps=1",
+                 f"tracking.tracking_uri=sqlite:///{db}", "run_name=submitted"]
+    with ray_head(tmp_path / "ray") as dashboard:
+        client = JobSubmissionClient(dashboard)
+        job = client.submit_job(
+            entrypoint=f"{sys.executable} -m workflows.train " + " ".join(f"'{o}'" for o in overrides),
+            runtime_env={"working_dir": str(REPO),
+                         "excludes": [".venv", ".git", "outputs", "data", "benchmarks/results", "*.db"]},
+        )
+        deadline = time.time() + 480
+        while client.get_job_status(job) not in JobStatus.TERMINAL and time.time() < deadline:
+            time.sleep(3)
+        logs = client.get_job_logs(job)
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+        assert "open the MLflow UI" in logs
+    runs = MlflowClient(f"sqlite:///{db}").search_runs(
+        [MlflowClient(f"sqlite:///{db}").get_experiment_by_name("maskrcnn").experiment_id],
+        filter_string="tags.ray_run_name = 'submitted'")
+    assert len(runs) == 1
+    assert "loss" in runs[0].data.metrics and "segm_AP" in runs[0].data.metrics
+
+
+def test_two_node_cluster_puts_a_worker_on_each_node(gapped_shapes, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    pythonpath = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+    try:
+        ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+        cfg = tiny(tmp_path / "out", gapped_shapes, "trainer.num_workers=2", "trainer.epochs=1",
+                   "trainer.max_steps=2", "trainer.placement_strategy=STRICT_SPREAD", "run_name=two-nodes")
+        result = run(cfg)
+        tags = MlflowClient(result["tracking_uri"]).get_run(result["run_id"]).data.tags
+        nodes = tags["ray.worker_nodes"].split(",")
+        assert len(nodes) == 2 and len(set(nodes)) == 2
+        assert set(nodes) <= {n["NodeID"] for n in ray.nodes()}
+        assert result["metrics"]["step"] == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_training_with_nccl_and_amp(gapped_shapes, tmp_path):
+    ray.shutdown()
+    ray.init(num_gpus=1)
+    try:
+        cfg = tiny(tmp_path / "out", gapped_shapes, "trainer=gpu", "trainer.num_workers=1", "trainer.epochs=1",
+                   "trainer.max_steps=3", "trainer.batch_size=2", "trainer.cpus_per_worker=1",
+                   "trainer.log_every_steps=1", "run_name=gpu")
+        assert cfg["trainer"]["amp"] is True
+        result = run(cfg)
+        assert result["metrics"]["step"] == 3
+    finally:
+        ray.shutdown()
