@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -53,17 +55,21 @@ def mlflow_server(root: Path):
 
 
 @contextmanager
-def ray_head(tmp: Path, num_cpus: int = 3):
+def ray_head(num_cpus: int = 3):
     """`ray start --head` on 127.0.0.1 with the dashboard (job API); yields the dashboard URL."""
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-                    "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                    "--num-cpus", str(num_cpus), "--disable-usage-stats", "--temp-dir", str(tmp)],
-                   check=True, env=env, capture_output=True)
+    tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    started = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", str(num_cpus),
+         "--disable-usage-stats", "--temp-dir", tmp], env=env, capture_output=True, text=True)
+    if started.returncode:
+        raise RuntimeError(f"ray start failed:\n{started.stdout}\n{started.stderr}")
     url = f"http://127.0.0.1:{dash}"
     try:
         wait_http(f"{url}/api/version", timeout=90)
         yield url
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)

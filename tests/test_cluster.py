@@ -28,15 +28,15 @@ def test_job_submitted_to_a_ray_head(gapped_shapes, tmp_path, monkeypatch):
                  "model.transform.min_size=[64]", "model.transform.max_size=64", "trainer.batch_size=2",
                  "trainer.epochs=1", "trainer.max_steps=2", "trainer.log_every_steps=1",
                  f"tracking.tracking_uri=sqlite:///{db}", "run_name=submitted"]
-    with ray_head(tmp_path / "ray") as dashboard:
+    with ray_head() as dashboard:
         client = JobSubmissionClient(dashboard)
         job = client.submit_job(
             entrypoint=f"{sys.executable} -m workflows.train " + " ".join(f"'{o}'" for o in overrides),
             runtime_env={"working_dir": str(REPO),
-                         "excludes": [".venv", ".git", "outputs", "data", "benchmarks/results", "*.db"]},
+                         "excludes": ["/.venv", "/.git", "/outputs", "/data", "/benchmarks/results", "*.db"]},
         )
         deadline = time.time() + 480
-        while client.get_job_status(job) not in JobStatus.TERMINAL and time.time() < deadline:
+        while not client.get_job_status(job).is_terminal() and time.time() < deadline:
             time.sleep(3)
         logs = client.get_job_logs(job)
         assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]

@@ -32,8 +32,9 @@ class S3Config:
 @dataclass
 class AugmentConfig:
     hflip_prob: float = 0.5
-    # Shorter-side sizes drawn per training image in the data pipeline (multi-scale). Empty:
-    # images keep their size and the model's transform resizes them.
+    # Shorter-side sizes drawn per training image in the data pipeline: fewer bytes through the
+    # object store for large images. The model's transform (model.transform.min_size, drawn per
+    # image in training) still sets the scale the network sees. Empty: images keep their size.
     scales: List[int] = field(default_factory=list)
     max_size: int = 1333
 

@@ -40,7 +40,15 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, cfg: dict[str,
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    if exp:
+        exp_id = exp.experiment_id
+    else:
+        # With a SQLite store, artifacts live beside the database (not in ./mlruns of whatever
+        # directory the job happened to start in); a server picks its own artifact root.
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        exp_id = client.create_experiment(experiment, artifact_location=location)
     found = client.search_runs([exp_id], filter_string=f"tags.ray_run_name = '{run_name}'", max_results=1)
     if found:
         return found[0].info.run_id
