@@ -40,19 +40,19 @@ class AnchorGenerator(nn.Module):
 
         Returns float[sum_l(H_l * W_l * A), 4], shared by every image of the batch.
         """
-        device = feature_maps[0].device
+        device, dtype = feature_maps[0].device, feature_maps[0].dtype
         grids = tuple(tuple(f.shape[-2:]) for f in feature_maps)
-        key = (tuple(image_size), grids, str(device))
+        key = (tuple(image_size), grids, str(device), dtype)
         if key not in self._cache:
             out = []
             for (gh, gw), base in zip(grids, self.cell_anchors):
                 sh, sw = image_size[0] // gh, image_size[1] // gw
-                ys = torch.arange(gh, device=device, dtype=torch.float32) * sh
-                xs = torch.arange(gw, device=device, dtype=torch.float32) * sw
+                ys = torch.arange(gh, device=device, dtype=dtype) * sh
+                xs = torch.arange(gw, device=device, dtype=dtype) * sw
                 y, x = torch.meshgrid(ys, xs, indexing="ij")
                 x, y = x.reshape(-1), y.reshape(-1)
                 shifts = torch.stack((x, y, x, y), dim=1)
-                out.append((shifts[:, None, :] + base.to(device)[None, :, :]).reshape(-1, 4))
+                out.append((shifts[:, None, :] + base.to(device, dtype)[None, :, :]).reshape(-1, 4))
             if len(self._cache) > 64:  # multi-scale training sees a bounded set of sizes
                 self._cache.clear()
             self._cache[key] = torch.cat(out)

@@ -16,8 +16,6 @@ class ImageTransform(nn.Module):
     def __init__(self, cfg: TransformConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("mean", torch.tensor(cfg.image_mean)[:, None, None], persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.image_std)[:, None, None], persistent=False)
 
     def forward(
         self, images: list[Tensor], targets: list[dict] | None = None
@@ -38,7 +36,10 @@ class ImageTransform(nn.Module):
                 size = self.cfg.min_size[k]
             else:
                 size = self.cfg.min_size[-1]
-            image = (image - self.mean.to(image)) / self.std.to(image)
+            # From the Python floats in the image's dtype (a float32 buffer would round them).
+            mean = torch.as_tensor(self.cfg.image_mean, dtype=image.dtype, device=image.device)
+            std = torch.as_tensor(self.cfg.image_std, dtype=image.dtype, device=image.device)
+            image = (image - mean[:, None, None]) / std[:, None, None]
             image, scale = _resize(image, size, self.cfg.max_size)
             out_images.append(image)
             if target is not None:
