@@ -86,7 +86,8 @@ class RoIHeads(nn.Module):
         self.box_predictor = FastRCNNPredictor(cfg.representation_size, num_classes)
         self.mask_roi_pool = MultiScaleRoIAlign(FEATURE_NAMES, cfg.mask_roi_size, cfg.sampling_ratio)
         self.mask_head = MaskHead(in_channels, cfg.mask_layers, cfg.mask_dilation)
-        self.mask_predictor = MaskPredictor(cfg.mask_layers[-1], 256, num_classes)
+        # torchvision: 256 for its 256-channel FCN; narrower heads keep the deconvolution as wide.
+        self.mask_predictor = MaskPredictor(cfg.mask_layers[-1], cfg.mask_layers[-1], num_classes)
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=False)
         self.sampler = BalancedPositiveNegativeSampler(cfg.batch_size_per_image, cfg.positive_fraction)
