@@ -7,6 +7,7 @@ never pickled modules.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,30 @@ _LEGACY_KEYS = [
 ]
 
 
-def _read_state_dict(source: dict[str, torch.Tensor] | str | os.PathLike) -> dict[str, torch.Tensor]:
-    if isinstance(source, dict):
-        return dict(source)
-    path = Path(source)
+class UnsafeWeightsError(ValueError):
+    """A weights file that is not plain tensors and containers (e.g. a pickle with code)."""
+
+
+def load_weights_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load(weights_only=True)` with errors that name the file: a missing file, a file
+    that is not a torch save, and a pickle that would run code (refused, never executed)."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeWeightsError(
+            f"{path} was refused: it holds objects other than tensors and plain containers "
+            f"(only state dicts are loaded, never pickled code): {str(e).splitlines()[0]}") from e
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
-        raise ValueError(f"{path}: not a readable state dict ({e})") from e
+        raise ValueError(f"{path}: not a readable torch weights file ({e})") from e
+
+
+def _read_state_dict(source: dict[str, torch.Tensor] | str | os.PathLike) -> dict[str, torch.Tensor]:
+    if isinstance(source, dict):
+        return dict(source)
+    state = load_weights_file(source)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     return dict(state)
@@ -100,18 +115,20 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild the model from a checkpoint by `save_checkpoint`; returns (model, payload)."""
-    from mrcnn.modeling.mask_rcnn import build_model
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if "model" not in payload or "model_config" not in payload:
+    payload = load_weights_file(path, map_location)
+    if not isinstance(payload, dict) or "model" not in payload or "model_config" not in payload:
         raise ValueError(f"{path} is not a checkpoint written by save_checkpoint "
                          "(needs 'model' and 'model_config'); for torchvision weights use "
                          "load_torchvision_weights")
-    cfg = ModelConfig.from_dict(payload["model_config"])
-    cfg.backbone.pretrained_path = None  # the checkpoint holds the weights
+    return build_from_state(payload["model_config"], payload["model"]), payload
+
+
+def build_from_state(model_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Our model rebuilt from its config dict and a state dict (no pretrained backbone load)."""
+    from mrcnn.modeling.mask_rcnn import build_model
+
+    cfg = ModelConfig.from_dict(model_config)
+    cfg.backbone.pretrained_path = None  # the state dict holds the weights
     model = build_model(cfg)
-    model.load_state_dict(payload["model"])
-    return model, payload
+    model.load_state_dict(state_dict)
+    return model

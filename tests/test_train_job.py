@@ -9,7 +9,9 @@ from jobs import compose_job, tiny
 from mlflow.tracking import MlflowClient
 from servers import mlflow_server
 
-from workflows.train import prepare, run
+from workflows.model_io import load_model
+from workflows.train import run
+from workflows.trainer import prepare
 
 
 def test_default_composition_and_groups():
@@ -71,11 +73,15 @@ def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
         steps = [m.step for m in client.get_metric_history(first["run_id"], "loss")]
         assert steps == sorted(steps) and steps[-1] == 8 and len(steps) == len(set(steps))
 
-        from workflows.evaluate import load_model
-
-        model, labels = load_model("models:/shapes-tiny@candidate", url)
-        assert labels.category_ids == [3, 7, 11]
-        ckpt_model, ckpt_labels = load_model(second["checkpoint"])
+        registered = load_model("models:/shapes-tiny@candidate", url)
+        assert registered.labels.category_ids == [3, 7, 11] and registered.version == "1"
+        assert load_model("models:/shapes-tiny/1", url).run_id == first["run_id"]
+        with pytest.raises(ValueError, match="has versions v1 and aliases candidate"):
+            load_model("models:/shapes-tiny@champion", url)
+        with pytest.raises(ValueError, match="no registered model 'nope'"):
+            load_model("models:/nope@champion", url)
+        loaded = load_model(second["checkpoint"])
+        ckpt_model, ckpt_labels = loaded.model, loaded.labels
         assert ckpt_labels.category_ids == [3, 7, 11]
         import torch
 

@@ -1,14 +1,15 @@
 """The job configuration schema (dataclasses), registered in Hydra's ConfigStore.
 
-YAML under conf/ fills these groups: model/, data/, trainer/, tracking/, experiment/. Unknown
-keys and wrong types fail when Hydra composes; `validate` checks values before any Ray work.
+Each default lives here, once; YAML under conf/ holds only what differs, in the groups model/,
+data/, trainer/, tracking/, sweep/, infer/ and experiment/. Unknown keys and wrong types fail
+when Hydra composes; `validate` checks values before any Ray work.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -41,6 +42,8 @@ class AugmentConfig:
 
 @dataclass
 class ShapesGenConfig:
+    """The synthetic shapes dataset's sizes (`mrcnn-shapes` takes the same defaults)."""
+
     train: int = 256
     val: int = 32
     size: int = 128
@@ -117,11 +120,71 @@ class TrackingConfig:
 
 
 @dataclass
+class AshaConfig:
+    """ASHA early stopping on the epoch the workers report."""
+
+    grace_period: int = 1  # epochs every trial runs before it may be stopped
+    reduction_factor: int = 2
+    max_epochs: int = 0  # 0: trainer.epochs
+
+
+@dataclass
+class SweepConfig:
+    """`mrcnn-tune`. `space` maps a config path to one of {choice: [...]}, {grid: [...]},
+    {uniform: [low, high]}, {loguniform: [low, high]}; nested keys are read as dotted paths, so
+    `+sweep.space.trainer.optimizer.lr={loguniform:[1e-4,1e-2]}` adds a dimension."""
+
+    # Rerunning the same name resumes the sweep; None: a new name from the clock.
+    name: Optional[str] = None
+    metric: str = "segm_AP"
+    mode: str = "max"
+    num_samples: int = 1  # samples of the random dimensions (each grid point gets this many)
+    max_concurrent_trials: int = 2
+    space: Dict[str, Any] = field(default_factory=dict)
+    scheduler: AshaConfig = field(default_factory=AshaConfig)
+    # Register the best trial's model under tracking.registered_model with this alias.
+    register_alias: str = "candidate"
+
+
+@dataclass
+class InferConfig:
+    """`mrcnn-infer`: segment an image store with a registered or checkpointed model."""
+
+    # A folder (walked recursively), an s3:// prefix, or a manifest (.txt, .csv or .parquet
+    # with a `path` column).
+    input: Optional[str] = None
+    # A folder or s3:// prefix for the Parquet rows (and the optional outputs below).
+    output: Optional[str] = None
+    # models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint.pt path.
+    model: str = "models:/maskrcnn@champion"
+    extensions: List[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif",
+                                                           ".tiff", ".webp"])
+    batch_size: int = 4  # images a predictor call
+    concurrency: int = 1  # predictor actors (each loads the model once)
+    num_gpus: float = 0.0  # per predictor actor
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 0  # per predictor actor (0: Ray's default, cpus_per_actor)
+    decode_concurrency: int = 1  # decode tasks at once
+    score_threshold: float = 0.5
+    max_detections: int = 100
+    # Images whose header claims more pixels than this become error rows (never decoded).
+    max_pixels: int = 100_000_000
+    # Rerun: retry the inputs whose row holds an error (their old rows are removed first).
+    retry_errors: bool = False
+    # A COCO annotation file of the same images: also write coco_results.json, its image ids
+    # matched by file name.
+    coco_annotations: Optional[str] = None
+    overlays: int = 8  # overlay PNGs for the first K images (0: none)
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
     # Ray Train run name: rerunning with the same name resumes from its last checkpoint.
     run_name: Optional[str] = None
     # Checkpoints, MLflow SQLite and the shapes data default under here (local or shared FS).

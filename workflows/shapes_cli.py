@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 
 from mrcnn.data.shapes import write_shapes_dataset
+from workflows.config import ShapesGenConfig
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="mrcnn-shapes", description=__doc__)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train", type=int, default=256, help="training images")
-    p.add_argument("--val", type=int, default=32, help="validation images")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    d = ShapesGenConfig()
+    p.add_argument("--train", type=int, default=d.train, help="training images")
+    p.add_argument("--val", type=int, default=d.val, help="validation images")
+    p.add_argument("--size", type=int, default=d.size, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
     for name in ("train", "val", "size"):
         if getattr(a, name) <= 0:

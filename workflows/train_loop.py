@@ -1,12 +1,15 @@
-"""The per-worker training loop run by Ray Train's TorchTrainer."""
+"""The per-worker training procedure run by Ray Train's TorchTrainer.
+
+    setup -> resume -> for each epoch: train_one_epoch, evaluate, log, checkpoint + report
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +20,13 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from mrcnn import build_model
-from mrcnn.checkpoint import load_torchvision_weights, save_checkpoint
+from mrcnn.checkpoint import load_torchvision_weights, load_weights_file, save_checkpoint
 from mrcnn.data.coco import CategoryMap
-from mrcnn.evaluation.coco_eval import coco_ground_truth, evaluate_coco, to_coco_results
-from mrcnn.masks import encode_masks
+from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_predictions
-from workflows.data import batch_to_model_inputs
+from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
 from workflows.storage import read_bytes
 from workflows.tracking import log_metrics
-
-LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 
 
 def lr_factor(step: int, total: int, opt: dict[str, Any]) -> float:
@@ -47,27 +47,35 @@ def make_optimizer(model: torch.nn.Module, opt: dict[str, Any], total_batch: int
     return torch.optim.SGD(params, lr=lr, momentum=opt["momentum"], weight_decay=opt["weight_decay"])
 
 
-def _to_device(images, targets, device):
-    images = [im.to(device, non_blocking=True) for im in images]
-    for t in targets:
-        t["boxes"] = t["boxes"].to(device)
-        t["labels"] = t["labels"].to(device)
-    return images, targets
+@dataclass
+class Worker:
+    """What one training worker holds."""
+
+    cfg: dict[str, Any]
+    labels: CategoryMap
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    core: torch.nn.Module  # the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    total_steps: int
+    total_batch: int
+    client: MlflowClient | None  # rank 0 only
+    run_id: str
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    cfg, label_map = config["cfg"], CategoryMap.from_dict(config["label_map"])
+def setup(config: dict[str, Any]) -> Worker:
+    cfg = config["cfg"]
     trainer_cfg, opt_cfg = cfg["trainer"], cfg["trainer"]["optimizer"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if trainer_cfg["torch_threads"]:
         torch.set_num_threads(trainer_cfg["torch_threads"])
     torch.manual_seed(cfg["seed"] + rank)
-    if rank == 0:
-        print(f"{world} worker(s), {torch.get_num_threads()} torch threads each", flush=True)
     device = ray.train.torch.get_device()
-    use_amp = trainer_cfg["amp"] and device.type == "cuda"
-
     model = build_model(cfg["model"])
     if trainer_cfg["init_weights"]:
         load_torchvision_weights(model, trainer_cfg["init_weights"], strict=False)
@@ -80,141 +88,126 @@ def train_loop(config: dict[str, Any]) -> None:
     if trainer_cfg["max_steps"]:
         total_steps = min(total_steps, trainer_cfg["max_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, opt_cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resume: a rerun of the same run name, or a restart after a worker failure
-        with checkpoint.as_directory() as d:
-            payload = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=True)
-        core.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        scaler.load_state_dict(payload["scaler"])
-        start_epoch, step = payload["epoch"] + 1, payload["step"]
-        if rank == 0:
-            print(f"resumed from epoch {payload['epoch']} (step {step})", flush=True)
-
+    scaler = torch.amp.GradScaler("cuda", enabled=trainer_cfg["amp"] and device.type == "cuda")
     client = MlflowClient(config["tracking_uri"]) if rank == 0 else None
-    run_id = config["run_id"]
-    node = ray.get_runtime_context().get_node_id()
-    nodes = [node] * world
-    if world > 1:
-        dist.all_gather_object(nodes, node)
     if rank == 0:
-        client.set_tag(run_id, "ray.worker_nodes", ",".join(nodes))
+        print(f"{world} worker(s), {torch.get_num_threads()} torch threads each", flush=True)
+    return Worker(cfg, CategoryMap.from_dict(config["label_map"]), rank, world, device, model, core, optimizer,
+                  scheduler, scaler, total_steps, total_batch, client, config["run_id"])
+
+
+def resume(w: Worker) -> tuple[int, int]:
+    """(first epoch, global step) from Ray Train's latest checkpoint: a rerun of the same run
+    name, or a restart after a worker failure. (0, 0) for a fresh run."""
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, 0
+    with checkpoint.as_directory() as d:
+        payload = load_weights_file(Path(d) / "checkpoint.pt")
+    w.core.load_state_dict(payload["model"])
+    w.optimizer.load_state_dict(payload["optimizer"])
+    w.scheduler.load_state_dict(payload["scheduler"])
+    w.scaler.load_state_dict(payload["scaler"])
+    if w.rank == 0:
+        print(f"resumed from epoch {payload['epoch']} (step {payload['step']})", flush=True)
+    return payload["epoch"] + 1, payload["step"]
+
+
+def record_worker_nodes(w: Worker) -> None:
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node] * w.world
+    if w.world > 1:
+        dist.all_gather_object(nodes, node)
+    if w.rank == 0:
+        w.client.set_tag(w.run_id, "ray.worker_nodes", ",".join(nodes))
+
+
+class StepLogger:
+    """Rank 0: losses, lr, throughput and data wait every `log_every_steps` to MLflow and stdout."""
+
+    def __init__(self, w: Worker, epoch: int, step: int):
+        self.w, self.epoch = w, epoch
+        self.every = w.cfg["trainer"]["log_every_steps"]
+        self.t0, self.step0 = time.time(), step
+
+    def __call__(self, step: int, losses: dict[str, torch.Tensor], stats: EpochStats) -> None:
+        if self.w.rank != 0 or step % self.every:
+            return
+        rate = (step - self.step0) / max(time.time() - self.t0, 1e-6)
+        metrics = {k: v.item() for k, v in losses.items()}
+        metrics.update(loss=sum(metrics.values()), lr=self.w.optimizer.param_groups[0]["lr"],
+                       images_per_s=rate * self.w.total_batch, data_wait_s=stats.data_wait_s / stats.steps)
+        log_metrics(self.w.client, self.w.run_id, metrics, step)
+        wait_share = stats.data_wait_s / max(stats.data_wait_s + stats.compute_s, 1e-9)
+        eta = (self.w.total_steps - step) / max(rate, 1e-9)
+        print(f"{time.strftime('%H:%M:%S')} epoch {self.epoch} step {step}/{self.w.total_steps} "
+              f"loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s "
+              f"data wait {100 * wait_share:.0f}% ETA {eta / 60:.1f} min", flush=True)
+
+
+def evaluate(w: Worker, val_shard, config: dict[str, Any], epoch: int) -> dict[str, float]:
+    """Predict this worker's val shard, gather the COCO results to rank 0 and run COCOeval
+    there; rank 0 also logs prediction overlays. Other ranks return {}."""
+    keep = w.cfg["tracking"]["log_images"] if w.rank == 0 else 0
+    batches = val_shard.iter_batches(batch_size=w.cfg["trainer"]["batch_size"], batch_format="numpy")
+    preds = predict_to_coco(w.core, batches, w.labels, w.device, keep_images=keep)
+    if w.world > 1:
+        gathered = [None] * w.world if w.rank == 0 else None
+        dist.gather_object((preds.bbox, preds.segm, preds.image_ids), gathered, dst=0)
+        if w.rank != 0:
+            return {}
+        merged = Predictions(samples=preds.samples)
+        for bbox, segm, ids in gathered:
+            merged.extend(Predictions(bbox, segm, ids))
+        preds = merged
+    if config.get("_gt") is None:  # parsed once per worker process
+        config["_gt"] = coco_ground_truth(json.loads(read_bytes(config["val_annotations"], w.cfg["data"]["s3"])))
+    metrics = preds.evaluate(config["_gt"])
+    print(f"epoch {epoch} eval on {len(set(preds.image_ids))} images: " +
+          " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("_AP", "AP50"))), flush=True)
+    for image_id, image, p in preds.samples:
+        w.client.log_image(w.run_id, draw_predictions(image, p, w.labels.names),
+                           artifact_file=f"predictions/epoch_{epoch:03d}/{image_id}.png")
+    return metrics
+
+
+def save_and_report(w: Worker, metrics: dict[str, float], epoch: int, step: int, save: bool) -> None:
+    """Report this epoch's metrics to Ray Train, with a checkpoint from rank 0 when `save`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if save and w.rank == 0:
+            save_checkpoint(Path(tmp) / "checkpoint.pt", w.core, optimizer=w.optimizer.state_dict(),
+                            scheduler=w.scheduler.state_dict(), scaler=w.scaler.state_dict(), epoch=epoch,
+                            step=step, label_map=w.labels.to_dict(), config=w.cfg)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    w = setup(config)
+    trainer_cfg = w.cfg["trainer"]
+    start_epoch, step = resume(w)
+    record_worker_nodes(w)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    t_start, steps_at_start = time.time(), step
-
+    max_steps = trainer_cfg["max_steps"]
     for epoch in range(start_epoch, trainer_cfg["epochs"]):
-        if trainer_cfg["max_steps"] and step >= trainer_cfg["max_steps"]:
+        if max_steps and step >= max_steps:
             break
-        model.train()
-        sums = dict.fromkeys(LOSS_NAMES, 0.0)
-        n_steps, n_images, data_wait = 0, 0, 0.0
-        join = model.join() if isinstance(model, torch.nn.parallel.DistributedDataParallel) \
-            else contextlib.nullcontext()  # uneven shard ends: each image once, no DDP hang
-        with join:
-            it = iter(train_shard.iter_batches(batch_size=trainer_cfg["batch_size"], batch_format="numpy",
-                                               local_shuffle_buffer_size=4 * trainer_cfg["batch_size"]))
-            while True:
-                if trainer_cfg["max_steps"] and step >= trainer_cfg["max_steps"]:
-                    break
-                t0 = time.time()
-                batch = next(it, None)
-                if batch is None:
-                    break
-                images, targets, _ = batch_to_model_inputs(batch)
-                images, targets = _to_device(images, targets, device)
-                t1 = time.time()
-                data_wait += t1 - t0
-                with torch.autocast(device.type, enabled=use_amp):
-                    losses = model(images, targets)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at step {step} ({ {k: v.item() for k, v in losses.items()} }); "
-                        "lower trainer.optimizer.lr or set trainer.optimizer.grad_clip_norm")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if opt_cfg["grad_clip_norm"]:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(core.parameters(), opt_cfg["grad_clip_norm"])
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                n_steps += 1
-                n_images += len(images)
-                for k in LOSS_NAMES:
-                    sums[k] += losses[k].item()
-                if rank == 0 and step % trainer_cfg["log_every_steps"] == 0:
-                    elapsed = time.time() - t_start
-                    rate = (step - steps_at_start) / max(elapsed, 1e-6)
-                    ips = rate * total_batch
-                    eta = (total_steps - step) / max(rate, 1e-9)
-                    metrics = {k: v.item() for k, v in losses.items()}
-                    metrics.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"], images_per_s=ips,
-                                   data_wait_s=data_wait / max(n_steps, 1))
-                    log_metrics(client, run_id, metrics, step)
-                    print(f"{time.strftime('%H:%M:%S')} epoch {epoch} step {step}/{total_steps} loss {loss.item():.3f} "
-                          f"lr {metrics['lr']:.2e} {ips:.1f} img/s data wait {metrics['data_wait_s']:.2f}s "
-                          f"ETA {eta / 60:.1f} min", flush=True)
-
-        metrics: dict[str, float] = {"epoch": epoch, "step": step}
-        metrics.update({f"epoch_{k}": v / max(n_steps, 1) for k, v in sums.items()})
-        last = epoch == trainer_cfg["epochs"] - 1 or (trainer_cfg["max_steps"] and step >= trainer_cfg["max_steps"])
+        batches = iter(train_shard.iter_batches(batch_size=trainer_cfg["batch_size"], batch_format="numpy",
+                                                local_shuffle_buffer_size=4 * trainer_cfg["batch_size"]))
+        with no_sync_join(w.model):
+            step, stats = train_one_epoch(
+                w.model, w.optimizer, w.scheduler, w.scaler, batches, w.device, step, max_steps,
+                amp=w.scaler.is_enabled(), grad_clip_norm=trainer_cfg["optimizer"]["grad_clip_norm"],
+                on_step=StepLogger(w, epoch, step))
+        metrics: dict[str, float] = {"epoch": epoch, "epochs_completed": epoch + 1, "step": step}
+        metrics.update({f"epoch_{k}": v for k, v in stats.mean_losses().items()})
+        last = epoch == trainer_cfg["epochs"] - 1 or bool(max_steps and step >= max_steps)
         if (epoch + 1) % trainer_cfg["eval_every_epochs"] == 0 or last:
-            metrics.update(evaluate_shard(model, core, val_shard, config, device, rank, world, client, epoch))
-        if rank == 0:
-            log_metrics(client, run_id, {k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
-        save = (epoch + 1) % trainer_cfg["checkpoint_every_epochs"] == 0 or last
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if save and rank == 0:
-                save_checkpoint(Path(tmp) / "checkpoint.pt", core, optimizer=optimizer.state_dict(),
-                                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                                step=step, label_map=label_map.to_dict(), config=cfg)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-
-
-@torch.no_grad()
-def evaluate_shard(model, core, val_shard, config, device, rank, world, client, epoch) -> dict[str, float]:
-    """Predict on this worker's val shard, gather COCO results to rank 0, run COCOeval there."""
-    cfg = config["cfg"]
-    label_map = CategoryMap.from_dict(config["label_map"])
-    core.eval()
-    results = {"bbox": [], "segm": []}
-    image_ids: list[int] = []
-    overlays = []
-    for batch in val_shard.iter_batches(batch_size=cfg["trainer"]["batch_size"], batch_format="numpy"):
-        images, _, ids = batch_to_model_inputs(batch)
-        preds = core([im.to(device) for im in images])
-        for im, image_id, p in zip(images, ids, preds):
-            p = {k: v.cpu() for k, v in p.items()}
-            bbox, segm = to_coco_results(image_id, {**p, "rles": encode_masks(p["masks"])}, label_map)
-            results["bbox"] += bbox
-            results["segm"] += segm
-            image_ids.append(image_id)
-            if rank == 0 and len(overlays) < cfg["tracking"]["log_images"]:
-                overlays.append((image_id, draw_predictions(im, p, label_map.names)))
-    core.train()
-    if world > 1:
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object((results, image_ids), gathered, dst=0)
-        if rank != 0:
-            return {}
-        results = {"bbox": [r for g in gathered for r in g[0]["bbox"]],
-                   "segm": [r for g in gathered for r in g[0]["segm"]]}
-        image_ids = [i for g in gathered for i in g[1]]
-    if config.get("_gt") is None:
-        config["_gt"] = coco_ground_truth(json.loads(read_bytes(config["val_annotations"], cfg["data"]["s3"])))
-    metrics = evaluate_coco(config["_gt"], results, image_ids=sorted(set(image_ids)))
-    flat = {f"{t}_{m}": v for t, ms in metrics.items() for m, v in ms.items()}
-    print(f"epoch {epoch} eval on {len(set(image_ids))} images: " +
-          " ".join(f"{k} {v:.3f}" for k, v in flat.items() if k.endswith("_AP") or k.endswith("AP50")), flush=True)
-    for image_id, picture in overlays:
-        client.log_image(config["run_id"], picture, artifact_file=f"predictions/epoch_{epoch:03d}/{image_id}.png")
-    return flat
+            metrics.update(evaluate(w, val_shard, config, epoch))
+        if w.rank == 0:
+            log_metrics(w.client, w.run_id, {k: v for k, v in metrics.items() if k not in ("epoch", "step")},
+                        step)
+        save_and_report(w, metrics, epoch, step,
+                        save=(epoch + 1) % trainer_cfg["checkpoint_every_epochs"] == 0 or last)
