@@ -1,0 +1,329 @@
+"""`mrcnn-tune`: sweep backbones, anchors (any config key) with Ray Tune and ASHA early stopping.
+
+    mrcnn-tune                                            # sweep/backbones_anchors on the shapes demo
+    mrcnn-tune sweep.name=s1 sweep.scheduler.max_epochs=6 # rerun the same name: the sweep resumes
+    mrcnn-tune '+sweep.space.trainer.optimizer.lr={loguniform:[3e-4,3e-3]}'
+
+Every trial is a TorchTrainer built by `workflows.trainer.build_trainer` and fitted inside a Tune
+function trainable; its workers report each epoch, and `TuneReportCallback` hands rank 0's
+metrics to Tune (ASHA's clock is the reported `epochs_completed`). MLflow: one parent run per
+sweep, one child run per trial; the best trial's model is registered with `sweep.register_alias`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import ray
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from mrcnn.checkpoint import load_weights_file
+from workflows.config import CONF_DIR, register_configs, to_container, validate
+from workflows.model_io import ARTIFACT_PATH, log_model, register_model
+from workflows.tracking import log_metrics, resolve_tracking_uri, start_or_resume_run
+from workflows.train import finish_run, training_params
+from workflows.trainer import TrainingData, build_trainer, init_ray, load_training_data, prepare
+
+register_configs()
+
+KINDS = ("choice", "grid", "uniform", "loguniform")
+TIME_ATTR = "epochs_completed"
+# The trial driver only builds and waits on its TorchTrainer: holding a CPU would deadlock it
+# against its own workers on a small machine. A bundle must not be empty, so it asks for a
+# token of memory, which every node has.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 16 * 2**20}
+
+
+def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Nested or dotted keys -> {"model.backbone.name": {"grid": [...]}, ...}."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in space.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and set(value) <= set(KINDS):
+            if len(value) != 1:
+                raise ValueError(f"sweep.space.{path} has {sorted(value)}: give exactly one of {', '.join(KINDS)}")
+            out[path] = value
+        elif isinstance(value, dict) and value:
+            out.update(flatten_space(value, path + "."))
+        else:
+            raise ValueError(f"sweep.space.{path}: expected {{choice|grid: [values]}} or "
+                             f"{{uniform|loguniform: [low, high]}}, got {value!r}")
+    return out
+
+
+def get_path(cfg: dict[str, Any], path: str) -> Any:
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def set_path(cfg: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[last] = copy.deepcopy(value)
+
+
+def check_space(cfg: dict[str, Any], space: dict[str, dict[str, Any]]) -> None:
+    """Every key exists in the job config, and every listed value passes validation, before
+    any Ray work."""
+    if not space:
+        raise ValueError("sweep.space is empty: add a dimension, e.g. "
+                         "'+sweep.space.model.backbone.name={choice:[resnet18,resnet34]}'")
+    for path, spec in space.items():
+        try:
+            get_path(cfg, path)
+        except (KeyError, TypeError):
+            raise ValueError(f"sweep.space.{path}: {path!r} is not a key of the job config "
+                             "(see `mrcnn-train --cfg job` for the keys)") from None
+        kind, values = next(iter(spec.items()))
+        if kind in ("uniform", "loguniform"):
+            if not (isinstance(values, list) and len(values) == 2 and values[0] < values[1]):
+                raise ValueError(f"sweep.space.{path}.{kind} must be [low, high] with low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"sweep.space.{path}.loguniform needs low > 0, got {values}")
+            values = values[:1]
+        elif not isinstance(values, list) or not values:
+            raise ValueError(f"sweep.space.{path}.{kind} must be a non-empty list of values")
+        for value in values:
+            trial = copy.deepcopy(cfg)
+            set_path(trial, path, value)
+            try:
+                validate(trial)
+            except ValueError as e:
+                raise ValueError(f"sweep.space.{path} value {value!r}: {e}") from None
+
+
+def tune_domain(spec: dict[str, Any]):
+    kind, values = next(iter(spec.items()))
+    if kind == "grid":
+        return tune.grid_search(values)
+    if kind == "choice":
+        return tune.choice(values)
+    return getattr(tune, kind)(*values)  # uniform / loguniform (low, high)
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], max_epochs: int) -> dict[str, Any]:
+    """The job config of one trial: the swept values set, every epoch evaluated (ASHA compares
+    trials at each epoch)."""
+    cfg = copy.deepcopy(base)
+    for path, value in params.items():
+        set_path(cfg, path, value)
+    cfg["trainer"]["epochs"] = max_epochs
+    cfg["trainer"]["eval_every_epochs"] = 1
+    cfg["trainer"]["checkpoint_every_epochs"] = 1
+    return cfg
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], data: TrainingData, sweep: dict[str, Any]) -> None:
+    """One trial (runs in a Tune actor that holds no CPU): build and fit the trial's TorchTrainer,
+    logging to a child run of the sweep's MLflow run."""
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    cfg = trial_config(base, params, sweep["max_epochs"])
+    uri = sweep["tracking_uri"]
+    run_id = start_or_resume_run(
+        uri, cfg["tracking"]["experiment"], f"{sweep['name']}-{trial_id}", cfg,
+        tags={"mlflow.parentRunId": sweep["parent_run_id"], "sweep": sweep["name"], "trial_id": trial_id,
+              **{f"sweep.{k}": str(v) for k, v in params.items()}})
+    # Nested under the sweep's folder with the trial's stable id: a resumed sweep resumes this
+    # Train run, and another sweep never does.
+    trainer = build_trainer(cfg, data, run_id, uri, storage_path=sweep["trials_dir"], name=trial_id,
+                            callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    client = MlflowClient(uri)
+    if result.checkpoint is not None:
+        finish_run(client, run_id, result, registered_model=None)
+    client.set_tag(run_id, "sweep.status", "completed")
+    client.set_terminated(run_id)
+
+
+def trial_outcome(result, max_epochs: int) -> str:
+    if result.error is not None:
+        return "failed"
+    done = (result.metrics or {}).get(TIME_ATTR, 0)
+    return "completed" if done >= max_epochs else "stopped early"
+
+
+def summarize(results, space: dict[str, Any], metric: str, mode: str, max_epochs: int) -> list[dict[str, Any]]:
+    """One row a trial: swept values, best metric, epochs run, status, checkpoint."""
+    rows = []
+    for r in results:
+        history = r.metrics_dataframe
+        values = [] if history is None or metric not in history else [v for v in history[metric] if v == v]
+        best = (max(values) if mode == "max" else min(values)) if values else float("nan")
+        cfg = r.config or {}
+        rows.append({
+            "trial_id": (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else ""),
+            **{k: cfg.get(k) for k in space},
+            f"best_{metric}": best,
+            "epochs": int((r.metrics or {}).get(TIME_ATTR, 0)),
+            "status": trial_outcome(r, max_epochs),
+            "checkpoint": (r.metrics or {}).get("checkpoint_path"),
+        })
+    return rows
+
+
+def plot_metric(rows: list[dict[str, Any]], space: dict[str, Any], metric: str, path: Path) -> None:
+    """The best metric of each trial against each swept parameter (one panel a parameter)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(space), figsize=(4.5 * len(space), 3.8), squeeze=False)
+    key = f"best_{metric}"
+    for ax, (name, spec) in zip(axes[0], space.items()):
+        numeric = next(iter(spec)) in ("uniform", "loguniform")
+        xs = [r[name] if numeric else str(r[name]) for r in rows]
+        colours = ["tab:green" if r["status"] == "completed" else "tab:orange" if r["status"] == "stopped early"
+                   else "tab:red" for r in rows]
+        if numeric:
+            ax.scatter(xs, [r[key] for r in rows], c=colours)
+            if next(iter(spec)) == "loguniform":
+                ax.set_xscale("log")
+        else:
+            cats = sorted(set(xs))
+            ax.scatter([cats.index(x) for x in xs], [r[key] for r in rows], c=colours)
+            ax.set_xticks(range(len(cats)), [c if len(c) < 24 else c[:21] + "..." for c in cats],
+                          rotation=20, ha="right", fontsize=7)
+        ax.set_xlabel(name)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{key} per trial (green completed, orange stopped early, red failed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def concurrent_trials(cfg: dict[str, Any], wanted: int) -> int:
+    """At most as many trials as the cluster's CPUs hold: each needs its workers' CPUs plus one
+    for its Ray Data decode tasks (more would starve the data pipeline and hang)."""
+    per_trial = cfg["trainer"]["num_workers"] * cfg["trainer"]["cpus_per_worker"] + 1
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(1, min(wanted, int(cpus // per_trial)))
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns {parent_run_id, best, rows, version, tracking_uri}."""
+    cfg = prepare(cfg)
+    sweep_cfg = cfg["sweep"]
+    space = flatten_space(sweep_cfg["space"])
+    if sweep_cfg["mode"] not in ("max", "min"):
+        raise ValueError(f"sweep.mode={sweep_cfg['mode']!r} must be 'max' or 'min'")
+    base = training_params(cfg)
+    data = load_training_data(base)
+    check_space(base, space)
+    max_epochs = sweep_cfg["scheduler"]["max_epochs"] or base["trainer"]["epochs"]
+    name = sweep_cfg["name"] or time.strftime("sweep-%Y%m%d-%H%M%S")
+    init_ray(cfg["ray_address"], dashboard=True)  # the State API frees placement groups of stopped trials
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
+    parent = start_or_resume_run(uri, cfg["tracking"]["experiment"], name,
+                                 {"sweep": {**sweep_cfg, "name": name}, **base}, tags={"sweep": name})
+    sweeps_dir = Path(cfg["output_dir"]) / "sweeps"
+    sweep_info = {"name": name, "parent_run_id": parent, "tracking_uri": uri, "max_epochs": max_epochs,
+                  "trials_dir": str(sweeps_dir / name / "trials")}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=data, sweep=sweep_info),
+                                    TRIAL_DRIVER_RESOURCES)
+    concurrency = concurrent_trials(base, sweep_cfg["max_concurrent_trials"])
+    path = str(sweeps_dir / name)
+    if tune.Tuner.can_restore(path):
+        print(f"resuming sweep {name} from {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max_epochs,
+                                  grace_period=sweep_cfg["scheduler"]["grace_period"],
+                                  reduction_factor=sweep_cfg["scheduler"]["reduction_factor"])
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: tune_domain(v) for k, v in space.items()},
+            tune_config=tune.TuneConfig(metric=sweep_cfg["metric"], mode=sweep_cfg["mode"], scheduler=scheduler,
+                                        num_samples=sweep_cfg["num_samples"], max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=name, storage_path=str(sweeps_dir), verbose=1),
+        )
+    results = tuner.fit()
+    return finish_sweep(cfg, results, space, parent, uri, max_epochs, name)
+
+
+def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, name: str) -> dict[str, Any]:
+    """Tag every child run with how its trial ended; log the summary table, the plot and the
+    best metric to the parent; register the best trial's model."""
+    sweep_cfg = cfg["sweep"]
+    metric, mode = sweep_cfg["metric"], sweep_cfg["mode"]
+    client = MlflowClient(uri)
+    rows = summarize(results, space, metric, mode, max_epochs)
+    children = {r.data.tags.get("trial_id"): r.info.run_id for r in client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+    for row in rows:
+        child = children.get(row["trial_id"])
+        if child:
+            client.set_tag(child, "sweep.status", row["status"])
+            client.set_terminated(child, status="FAILED" if row["status"] == "failed" else "FINISHED")
+    key = f"best_{metric}"
+    ranked = [r for r in rows if r[key] == r[key] and r["checkpoint"]]
+    best = (max if mode == "max" else min)(ranked, key=lambda r: r[key]) if ranked else None
+    with tempfile.TemporaryDirectory() as tmp:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+        (Path(tmp) / "trials.csv").write_text(buf.getvalue())
+        client.log_artifact(parent, str(Path(tmp) / "trials.csv"))
+        if rows:
+            plot_metric(rows, space, metric, Path(tmp) / f"{metric}_vs_params.png")
+            client.log_artifact(parent, str(Path(tmp) / f"{metric}_vs_params.png"))
+    version = None
+    if best is not None:
+        log_metrics(client, parent, {key: best[key], "trials": len(rows),
+                                     "trials_stopped_early": sum(r["status"] == "stopped early" for r in rows)}, 0)
+        client.set_tag(parent, "best_trial", best["trial_id"])
+        child = children.get(best["trial_id"])
+        if child and not client.list_artifacts(child, ARTIFACT_PATH):
+            log_model(client, child, load_weights_file(Path(best["checkpoint"]) / "checkpoint.pt"))
+        registered = cfg["tracking"]["registered_model"] or "maskrcnn"
+        if child:
+            version = register_model(client, child, registered, sweep_cfg["register_alias"])
+    client.set_terminated(parent)
+    print_summary(rows, key, best, name, parent, uri, version, cfg)
+    return {"parent_run_id": parent, "best": best, "rows": rows, "version": version, "tracking_uri": uri,
+            "children": children}
+
+
+def print_summary(rows, key, best, name, parent, uri, version, cfg) -> None:
+    print(f"\nsweep {name}: {len(rows)} trials")
+    for r in rows:
+        value = f"{r[key]:.3f}" if r[key] == r[key] else "   - "
+        params = " ".join(f"{k}={v}" for k, v in r.items() if k not in ("trial_id", key, "epochs", "status",
+                                                                         "checkpoint"))
+        print(f"  {r['trial_id']}  {key} {value}  epochs {r['epochs']}  {r['status']:13s} {params}")
+    if best:
+        registered = cfg["tracking"]["registered_model"] or "maskrcnn"
+        print(f"best trial {best['trial_id']}: {key} {best[key]:.3f}; registered {registered} version {version} "
+              f"(alias {cfg['sweep']['register_alias']})")
+    print(f"MLflow parent run {parent} at {uri}")
+    if not math.isfinite(best[key] if best else float("nan")):
+        print("no trial reported the metric; see the trials' logs")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    run(to_container(cfg))
+
+
+if __name__ == "__main__":
+    main()
