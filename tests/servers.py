@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -71,5 +72,22 @@ def ray_head(num_cpus: int = 3):
         wait_http(f"{url}/api/version", timeout=90)
         yield url
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+        kill_processes_mentioning(tmp)  # this head's processes only, not every Ray on the machine
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kill_processes_mentioning(text: str, timeout: float = 20) -> int:
+    """SIGKILL every process whose command line mentions `text` (a test's own temp folder);
+    returns how many there were."""
+    import psutil
+
+    me = os.getpid()
+    victims = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.info["pid"] != me and any(text in part for part in (p.info["cmdline"] or [])):
+            victims.append(p)
+    for p in victims:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(victims, timeout=timeout)
+    return len(victims)

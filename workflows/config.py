@@ -175,6 +175,8 @@ class InferConfig:
     # matched by file name.
     coco_annotations: Optional[str] = None
     overlays: int = 8  # overlay PNGs for the first K images (0: none)
+    # Rows buffered into one Parquet file: larger files, but more work redone after a crash.
+    rows_per_file: int = 256
 
 
 @dataclass

@@ -85,7 +85,8 @@ def records_dataset(records: list[dict[str, Any]]) -> ray.data.Dataset:
 _FS_CACHE: dict[str, Any] = {}
 
 
-def _read(uri: str, s3: dict[str, Any]) -> bytes:
+def read_uri(uri: str, s3: dict[str, Any]) -> bytes:
+    """The bytes of a local file or s3:// object, through one cached filesystem per process."""
     key = "s3" if is_s3(uri) else "local"
     if key not in _FS_CACHE:  # one filesystem per worker process, not one per image
         _FS_CACHE[key] = filesystem(uri, s3)[0]
@@ -102,7 +103,7 @@ def decode_batch(batch: dict[str, np.ndarray], s3: dict[str, Any], train: bool,
     for i in range(len(batch["image_id"])):
         path = str(batch["path"][i])
         try:
-            image = decode_image(_read(path, s3), path)
+            image = decode_image(read_uri(path, s3), path)
         except (ImageDecodeError, OSError) as e:
             log.warning("skipping image: %s", e)
             continue

@@ -112,6 +112,14 @@ class Predictions:
         return {f"{t}_{m}": v for t, ms in metrics.items() for m, v in ms.items()}
 
 
+def set_detection_limits(model: torch.nn.Module, score_threshold: float, max_detections: int) -> torch.nn.Module:
+    """Detections kept at inference: score above `score_threshold`, at most `max_detections`
+    per image (masks are computed only for those)."""
+    model.cfg.roi_heads.score_thresh = score_threshold
+    model.cfg.roi_heads.detections_per_img = max_detections
+    return model
+
+
 @torch.no_grad()
 def predict_images(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """images: float[3, H, W] in [0, 1] on the model's device -> per image `boxes` float[N, 4],

@@ -12,7 +12,6 @@ from typing import Any
 import hydra
 import ray
 import torch
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from mrcnn.evaluation.coco_eval import format_table
@@ -20,7 +19,7 @@ from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.data import ensure_shapes, image_dataset, load_split
 from workflows.engine import predict_to_coco
 from workflows.model_io import LoadedModel, load_model
-from workflows.tracking import log_metrics, resolve_tracking_uri, start_or_resume_run
+from workflows.tracking import log_metrics, mlflow_client, resolve_tracking_uri, start_or_resume_run
 
 register_configs()
 
@@ -44,7 +43,7 @@ def evaluate(cfg: dict[str, Any], weights: str, split: str = "val") -> dict[str,
     metrics = evaluate_model(load_model(weights, uri), cfg, split)
     print(format_table({t: {m[len(t) + 1:]: v for m, v in metrics.items() if m.startswith(t + "_")}
                         for t in ("bbox", "segm")}))
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     run_id = start_or_resume_run(uri, cfg["tracking"]["experiment"], f"evaluate-{Path(weights).name}-{split}",
                                  {"weights": weights, "split": split, "data": cfg["data"]})
     log_metrics(client, run_id, metrics, 0)

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from mrcnn.checkpoint import build_from_state, load_checkpoint, load_weights_file
 from mrcnn.data.coco import CategoryMap
+from workflows.tracking import mlflow_client
 
 ARTIFACT_PATH = "model"
 
@@ -110,7 +111,7 @@ def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
         return LoadedModel(model, CategoryMap.from_dict(payload["label_map"]), uri)
     import mlflow
 
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     version, run_id, source = None, None, uri
     if uri.startswith("models:/"):
         mv = resolve_version(client, uri)
@@ -118,12 +119,10 @@ def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
         source = f"models:/{mv.name}/{mv.version}"
     else:
         run_id = uri[len("runs:/"):].split("/")[0]
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            folder = mlflow.artifacts.download_artifacts(source, dst_path=tmp)
+            folder = mlflow.artifacts.download_artifacts(source, dst_path=tmp, tracking_uri=tracking_uri,
+                                                         registry_uri=tracking_uri)
         except MlflowException as e:
             raise ValueError(f"{uri}: cannot download the model's files ({e.message})") from e
         model, labels = read_model_dir(folder)

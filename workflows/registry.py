@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.evaluate import evaluate_model
 from workflows.model_io import load_model, register_model
-from workflows.tracking import log_metrics, resolve_tracking_uri, start_or_resume_run
+from workflows.tracking import log_metrics, mlflow_client, resolve_tracking_uri, start_or_resume_run
 from workflows.trainer import prepare
 
 register_configs()
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cfg = job_config(overrides)
     uri = tracking_uri(a.tracking_uri, cfg)
-    client = MlflowClient(uri, registry_uri=uri)
+    client = mlflow_client(uri)
     if a.command == "list":
         rows = list_versions(client, a.name)
         print(f"{'version':>7}  {'aliases':20s} {'run_id':34s} {'segm_AP':>8} {'bbox_AP':>8}")

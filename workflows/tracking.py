@@ -13,6 +13,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 
+def mlflow_client(uri: str) -> MlflowClient:
+    """A client whose registry is the tracking server too (never a registry URI left in the
+    environment by an earlier `mlflow.set_registry_uri`)."""
+    return MlflowClient(uri, registry_uri=uri)
+
+
 def resolve_tracking_uri(tracking: dict[str, Any], output_dir: str) -> str:
     """Always absolute: a relative sqlite path would split across Ray workers' directories."""
     uri = tracking.get("tracking_uri")
@@ -53,8 +59,7 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, cfg: dict[str,
     """The run tagged with this run name (a rerun resumes it), or a new one with `cfg` logged
     as params and config.yaml. Returns its id. `tags` go on a new run (e.g. the sweep's
     `mlflow.parentRunId`)."""
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp_id = experiment_id(client, uri, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.ray_run_name = '{run_name}'", max_results=1)
     if found:

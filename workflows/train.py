@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from mrcnn.checkpoint import load_weights_file
 from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.model_io import log_model, register_model
-from workflows.tracking import resolve_tracking_uri, start_or_resume_run
+from workflows.tracking import mlflow_client, resolve_tracking_uri, start_or_resume_run
 from workflows.trainer import build_trainer, init_ray, load_training_data, prepare
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer = build_trainer(training_params(cfg), data, run_id, uri,
                             storage_path=str(Path(cfg["output_dir"]) / "ray_results"), name=cfg["run_name"])
     result = trainer.fit()
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     final = finish_run(client, run_id, result, cfg["tracking"]["registered_model"])
     client.set_terminated(run_id)
     print(f"MLflow run {run_id} (experiment {cfg['tracking']['experiment']!r}) at {uri}")

@@ -26,7 +26,7 @@ from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_predictions
 from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
 from workflows.storage import read_bytes
-from workflows.tracking import log_metrics
+from workflows.tracking import log_metrics, mlflow_client
 
 
 def lr_factor(step: int, total: int, opt: dict[str, Any]) -> float:
@@ -89,7 +89,7 @@ def setup(config: dict[str, Any]) -> Worker:
         total_steps = min(total_steps, trainer_cfg["max_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, opt_cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=trainer_cfg["amp"] and device.type == "cuda")
-    client = MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    client = mlflow_client(config["tracking_uri"]) if rank == 0 else None
     if rank == 0:
         print(f"{world} worker(s), {torch.get_num_threads()} torch threads each", flush=True)
     return Worker(cfg, CategoryMap.from_dict(config["label_map"]), rank, world, device, model, core, optimizer,
@@ -122,11 +122,20 @@ def record_worker_nodes(w: Worker) -> None:
         w.client.set_tag(w.run_id, "ray.worker_nodes", ",".join(nodes))
 
 
+def last_logged_step(w: Worker, key: str) -> int:
+    """The highest step of `key` already in the MLflow run (-1: none). After a restart from a
+    checkpoint, the steps redone up to here were logged by the first attempt: they are not
+    logged twice."""
+    if w.rank != 0:
+        return -1
+    return max((m.step for m in w.client.get_metric_history(w.run_id, key)), default=-1)
+
+
 class StepLogger:
     """Rank 0: losses, lr, throughput and data wait every `log_every_steps` to MLflow and stdout."""
 
-    def __init__(self, w: Worker, epoch: int, step: int):
-        self.w, self.epoch = w, epoch
+    def __init__(self, w: Worker, epoch: int, step: int, logged_until: int):
+        self.w, self.epoch, self.logged_until = w, epoch, logged_until
         self.every = w.cfg["trainer"]["log_every_steps"]
         self.t0, self.step0 = time.time(), step
 
@@ -137,7 +146,8 @@ class StepLogger:
         metrics = {k: v.item() for k, v in losses.items()}
         metrics.update(loss=sum(metrics.values()), lr=self.w.optimizer.param_groups[0]["lr"],
                        images_per_s=rate * self.w.total_batch, data_wait_s=stats.data_wait_s / stats.steps)
-        log_metrics(self.w.client, self.w.run_id, metrics, step)
+        if step > self.logged_until:
+            log_metrics(self.w.client, self.w.run_id, metrics, step)
         wait_share = stats.data_wait_s / max(stats.data_wait_s + stats.compute_s, 1e-9)
         eta = (self.w.total_steps - step) / max(rate, 1e-9)
         print(f"{time.strftime('%H:%M:%S')} epoch {self.epoch} step {step}/{self.w.total_steps} "
@@ -191,6 +201,7 @@ def train_loop(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     max_steps = trainer_cfg["max_steps"]
+    steps_logged, epochs_logged = last_logged_step(w, "loss"), last_logged_step(w, "epochs_completed")
     for epoch in range(start_epoch, trainer_cfg["epochs"]):
         if max_steps and step >= max_steps:
             break
@@ -200,13 +211,13 @@ def train_loop(config: dict[str, Any]) -> None:
             step, stats = train_one_epoch(
                 w.model, w.optimizer, w.scheduler, w.scaler, batches, w.device, step, max_steps,
                 amp=w.scaler.is_enabled(), grad_clip_norm=trainer_cfg["optimizer"]["grad_clip_norm"],
-                on_step=StepLogger(w, epoch, step))
+                on_step=StepLogger(w, epoch, step, steps_logged))
         metrics: dict[str, float] = {"epoch": epoch, "epochs_completed": epoch + 1, "step": step}
         metrics.update({f"epoch_{k}": v for k, v in stats.mean_losses().items()})
         last = epoch == trainer_cfg["epochs"] - 1 or bool(max_steps and step >= max_steps)
         if (epoch + 1) % trainer_cfg["eval_every_epochs"] == 0 or last:
             metrics.update(evaluate(w, val_shard, config, epoch))
-        if w.rank == 0:
+        if w.rank == 0 and step > epochs_logged:
             log_metrics(w.client, w.run_id, {k: v for k, v in metrics.items() if k not in ("epoch", "step")},
                         step)
         save_and_report(w, metrics, epoch, step,

@@ -23,7 +23,6 @@ from typing import Any
 
 import hydra
 import ray
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -32,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 from mrcnn.checkpoint import load_weights_file
 from workflows.config import CONF_DIR, register_configs, to_container, validate
 from workflows.model_io import ARTIFACT_PATH, log_model, register_model
-from workflows.tracking import log_metrics, resolve_tracking_uri, start_or_resume_run
+from workflows.tracking import log_metrics, mlflow_client, resolve_tracking_uri, start_or_resume_run
 from workflows.train import finish_run, training_params
 from workflows.trainer import TrainingData, build_trainer, init_ray, load_training_data, prepare
 
@@ -145,7 +144,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: TrainingData, 
     trainer = build_trainer(cfg, data, run_id, uri, storage_path=sweep["trials_dir"], name=trial_id,
                             callbacks=[TuneReportCallback()])
     result = trainer.fit()
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     if result.checkpoint is not None:
         finish_run(client, run_id, result, registered_model=None)
     client.set_tag(run_id, "sweep.status", "completed")
@@ -167,13 +166,16 @@ def summarize(results, space: dict[str, Any], metric: str, mode: str, max_epochs
         values = [] if history is None or metric not in history else [v for v in history[metric] if v == v]
         best = (max(values) if mode == "max" else min(values)) if values else float("nan")
         cfg = r.config or {}
+        last = r.metrics or {}
         rows.append({
             "trial_id": (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else ""),
             **{k: cfg.get(k) for k in space},
             f"best_{metric}": best,
             "epochs": int((r.metrics or {}).get(TIME_ATTR, 0)),
             "status": trial_outcome(r, max_epochs),
-            "checkpoint": (r.metrics or {}).get("checkpoint_path"),
+            "checkpoint": last.get("checkpoint_path"),
+            "started": last.get("timestamp", 0) - last.get("time_total_s", 0),  # unix seconds
+            "ended": last.get("timestamp", 0),
         })
     return rows
 
@@ -265,7 +267,7 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
     best metric to the parent; register the best trial's model."""
     sweep_cfg = cfg["sweep"]
     metric, mode = sweep_cfg["metric"], sweep_cfg["mode"]
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     rows = summarize(results, space, metric, mode, max_epochs)
     children = {r.data.tags.get("trial_id"): r.info.run_id for r in client.search_runs(
         [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
@@ -299,17 +301,16 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
         if child:
             version = register_model(client, child, registered, sweep_cfg["register_alias"])
     client.set_terminated(parent)
-    print_summary(rows, key, best, name, parent, uri, version, cfg)
+    print_summary(rows, key, best, name, parent, uri, version, cfg, space)
     return {"parent_run_id": parent, "best": best, "rows": rows, "version": version, "tracking_uri": uri,
             "children": children}
 
 
-def print_summary(rows, key, best, name, parent, uri, version, cfg) -> None:
+def print_summary(rows, key, best, name, parent, uri, version, cfg, space) -> None:
     print(f"\nsweep {name}: {len(rows)} trials")
     for r in rows:
         value = f"{r[key]:.3f}" if r[key] == r[key] else "   - "
-        params = " ".join(f"{k}={v}" for k, v in r.items() if k not in ("trial_id", key, "epochs", "status",
-                                                                         "checkpoint"))
+        params = " ".join(f"{k}={v}" for k, v in r.items() if k in space)
         print(f"  {r['trial_id']}  {key} {value}  epochs {r['epochs']}  {r['status']:13s} {params}")
     if best:
         registered = cfg["tracking"]["registered_model"] or "maskrcnn"

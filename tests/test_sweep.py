@@ -1,0 +1,194 @@
+"""Sweeps (`mrcnn-tune`) and the registry (`mrcnn-models`) against a real local Ray cluster and a
+real MLflow server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from jobs import compose_job
+from mlflow.tracking import MlflowClient
+from servers import kill_processes_mentioning, mlflow_server
+
+from workflows import registry, tune
+from workflows.model_io import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.generate=null", "model.transform.min_size=[64]", "model.transform.max_size=64",
+        "model.roi_heads.score_thresh=0.0", "trainer.batch_size=2", "trainer.log_every_steps=1",
+        "trainer.max_failures=0", "trainer.optimizer.warmup_steps=2", "tracking.log_images=1"]
+
+
+@pytest.fixture(scope="module")
+def ray_tune_cluster():
+    """4 logical CPUs (two trials of one worker + one decode task each) and the State API,
+    which frees the placement groups of trials that ASHA stops."""
+    import ray
+
+    pythonpath = os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+sweep.space.model.backbone.depth={choice:[1,2]}", "'model.backbone.depth' is not a key"),
+    ("sweep.space.model.backbone.name.grid=[resnet18,vgg16]", "value 'vgg16'"),
+    ("+sweep.space.trainer.optimizer.lr={loguniform:[0.1,0.01]}", "low < high"),
+])
+def test_bad_sweep_space_fails_before_ray(override, message, gapped_shapes, tmp_path):
+    import ray
+
+    ray.shutdown()
+    cfg = compose_job([f"output_dir={tmp_path}", f"data.root={gapped_shapes}", *TINY, override])
+    with pytest.raises(ValueError, match=message):
+        tune.run(cfg)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster, gapped_shapes, tmp_path):
+    """Four trials, two at a time: lr 2e-3 learns, lr 1e-9 does not. ASHA (rungs at epochs 1
+    and 2) stops a bad one early; the best trial becomes `candidate`, equal to its checkpoint."""
+    with mlflow_server(tmp_path / "mlflow") as url:
+        cfg = compose_job([
+            f"output_dir={tmp_path / 'out'}", f"data.root={gapped_shapes}", *TINY, f"tracking.tracking_uri={url}",
+            "tracking.registered_model=shapes-sweep", "sweep.name=lr", "~sweep.space.model",
+            "+sweep.space.trainer.optimizer.lr={grid:[2e-3,1e-9]}", "sweep.num_samples=2",
+            "sweep.metric=epoch_loss_classifier", "sweep.mode=min", "sweep.max_concurrent_trials=2",
+            "sweep.scheduler.max_epochs=3", "sweep.scheduler.grace_period=1", "sweep.scheduler.reduction_factor=2"])
+        out = tune.run(cfg)
+        client = MlflowClient(url)
+        rows = out["rows"]
+        assert len(rows) == 4 and {r["trainer.optimizer.lr"] for r in rows} == {2e-3, 1e-9}
+        statuses = [r["status"] for r in rows]
+        assert "stopped early" in statuses, rows
+        assert all(r["epochs"] < 3 for r in rows if r["status"] == "stopped early")
+        assert all(s in ("completed", "stopped early") for s in statuses)
+        assert out["best"]["trainer.optimizer.lr"] == 2e-3
+
+        parent = client.get_run(out["parent_run_id"])
+        assert parent.data.tags["sweep"] == "lr" and "best_epoch_loss_classifier" in parent.data.metrics
+        artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+        assert {"trials.csv", "epoch_loss_classifier_vs_params.png", "config.yaml"} <= artifacts
+        table = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))).read_text()
+        assert all(r["trial_id"] in table for r in rows)
+        children = client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert len(children) == 4
+        by_trial = {c.data.tags["trial_id"]: c for c in children}
+        for r in rows:
+            child = by_trial[r["trial_id"]]
+            assert child.data.tags["sweep.status"] == r["status"]
+            assert child.data.params["trainer.optimizer.lr"] == str(r["trainer.optimizer.lr"])
+            assert len(client.get_metric_history(child.info.run_id, "epoch_loss_classifier")) == r["epochs"]
+
+        # Two trials ran at once: their report times overlap.
+        spans = sorted((r["started"], r["ended"]) for r in rows)
+        assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+
+        # The registered candidate is the best trial's model, and predicts as its checkpoint does.
+        mv = client.get_model_version_by_alias("shapes-sweep", "candidate")
+        assert mv.run_id == by_trial[out["best"]["trial_id"]].info.run_id
+        registered = load_model("models:/shapes-sweep@candidate", url).model.eval()
+        checkpointed = load_model(str(Path(out["best"]["checkpoint"]) / "checkpoint.pt")).model.eval()
+        from mrcnn.data.images import decode_image
+
+        image = torch.from_numpy(decode_image((gapped_shapes / "val/000001.jpg").read_bytes())).permute(2, 0, 1)
+        with torch.no_grad():
+            a, b = registered([image.float() / 255])[0], checkpointed([image.float() / 255])[0]
+        assert len(a["scores"]) > 0
+        for k in ("boxes", "scores", "labels", "masks"):
+            assert torch.equal(a[k], b[k])
+
+        # promote: the first candidate becomes champion; a worse candidate does not replace it.
+        eval_overrides = [f"output_dir={tmp_path / 'out'}", f"data.root={gapped_shapes}", *TINY]
+        first = registry.promote(client, url, "shapes-sweep", registry.job_config(eval_overrides))
+        assert first["decision"].startswith("promoted")
+        assert client.get_model_version_by_alias("shapes-sweep", "champion").version == mv.version
+        worst = max((r for r in rows if r["checkpoint"]), key=lambda r: r["best_epoch_loss_classifier"])
+        worse_run = by_trial[worst["trial_id"]].info.run_id
+        if not client.list_artifacts(worse_run, "model"):
+            from mrcnn.checkpoint import load_weights_file
+            from workflows.model_io import log_model
+
+            log_model(client, worse_run, load_weights_file(Path(worst["checkpoint"]) / "checkpoint.pt"))
+        registry.main(["--tracking-uri", url, "register", worse_run, "shapes-sweep", "--", *eval_overrides])
+        cand = client.get_model_version_by_alias("shapes-sweep", "candidate")
+        # Force the comparison to be strict: a champion at AP 0 would never be beaten.
+        second = registry.promote(client, url, "shapes-sweep", registry.job_config(eval_overrides),
+                                  metric="segm_AP50")
+        champion = client.get_model_version_by_alias("shapes-sweep", "champion").version
+        if second["candidate_segm_AP50"] > second["champion_segm_AP50"]:
+            assert second["decision"].startswith("promoted") and champion == cand.version
+        else:
+            assert second["decision"].startswith("kept") and champion == mv.version
+        promo = client.get_run(second["run_id"])
+        assert "candidate_segm_AP50" in promo.data.metrics and "champion_segm_AP50" in promo.data.metrics
+        assert promo.data.tags["decision"] == second["decision"]
+
+
+@pytest.mark.slow
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(gapped_shapes, tmp_path):
+    """SIGKILL the sweep's driver while its second trial trains; the same command finishes the
+    sweep into the same parent run, and the finished trial is not run again."""
+    import ray
+
+    ray.shutdown()
+    out = tmp_path / "out"
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    temp = Path(f"/tmp/rt{os.getpid()}")  # the Ray instances of this test only (short: socket paths)
+    args = [sys.executable, "-m", "workflows.tune", f"output_dir={out}", f"data.root={gapped_shapes}", *TINY,
+            f"tracking.tracking_uri={db}", "sweep.name=resume", "~sweep.space.model",
+            "+sweep.space.trainer.optimizer.lr={grid:[1e-3,2e-3]}", "sweep.scheduler.max_epochs=2",
+            "sweep.scheduler.grace_period=2", "sweep.max_concurrent_trials=1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(RAY_TMPDIR=str(temp), PYTHONPATH=str(REPO))
+    log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    trials = out / "sweeps" / "resume" / "trials"
+    try:
+        deadline = time.time() + 400
+        # The first trial finished (2 epochs) and the second has a checkpoint: kill midway.
+        while time.time() < deadline and proc.poll() is None:
+            done = [d for d in trials.glob("*") if len(list(d.glob("checkpoint_*"))) >= 2]
+            started = [d for d in trials.glob("*") if d not in done and list(d.glob("checkpoint_*"))]
+            if done and started:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert done and started, "the sweep did not reach its second trial in time"
+        first_trial = done[0]
+        first_checkpoints = sorted(p.name for p in first_trial.glob("checkpoint_*"))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        log.close()
+        kill_processes_mentioning(str(temp))
+
+    try:
+        second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        kill_processes_mentioning(str(temp))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming sweep resume" in second.stdout + second.stderr
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("maskrcnn")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.ray_run_name = 'resume'")
+    assert len(parents) == 1
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert len(children) == 2 and all(c.data.tags["sweep.status"] == "completed" for c in children)
+    # The finished trial was not trained again: same checkpoints, one loss value per step.
+    assert sorted(p.name for p in first_trial.glob("checkpoint_*")) == first_checkpoints
+    for c in children:
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "loss")]
+        assert len(steps) == len(set(steps)) and max(steps) == 8, steps
