@@ -46,7 +46,7 @@ def make_store(root: Path, shapes: Path, n_shapes: int = 4) -> dict[str, dict]:
     save("nested/deeper/gray.png", rgb.convert("L"))
     save("nested/rgba.png", rgb.convert("RGBA"))
     save("nested/palette.png", rgb.convert("P"))
-    save("sixteen bit.png", Image.fromarray((pixels[..., 0].astype(np.uint16) * 257)), format="PNG")
+    save("sixteen bit.png", Image.fromarray(pixels[..., 0].astype(np.uint16) * 257), format="PNG")
     save("cmyk.jpg", rgb.convert("CMYK"), format="JPEG")
     save("plain.bmp", rgb)
     save("scan.tiff", rgb)

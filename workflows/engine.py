@@ -96,8 +96,9 @@ class Predictions:
     bbox: list[dict] = field(default_factory=list)
     segm: list[dict] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)
-    # (image_id, float[3, H, W] image, prediction with dense masks) for the first `keep_images`
-    samples: list[tuple[int, torch.Tensor, dict]] = field(default_factory=list)
+    # (image_id, float[3, H, W] image, target with RLE masks, prediction with dense masks) for
+    # the first `keep_images`
+    samples: list[tuple[int, torch.Tensor, dict, dict]] = field(default_factory=list)
 
     def extend(self, other: Predictions) -> None:
         self.bbox += other.bbox
@@ -144,15 +145,15 @@ def predict_to_coco(
     with RLE masks, labels mapped back to the dataset's category ids."""
     out = Predictions()
     for batch in batches:
-        images, _, ids = batch_to_model_inputs(batch)
+        images, targets, ids = batch_to_model_inputs(batch)
         preds = predict_images(model, [im.to(device) for im in images])
-        for image, image_id, p in zip(images, ids, preds):
+        for image, target, image_id, p in zip(images, targets, ids, preds):
             bbox, segm = to_coco_results(image_id, {**p, "rles": encode_masks(p["masks"])}, labels)
             out.bbox += bbox
             out.segm += segm
             out.image_ids.append(image_id)
             if len(out.samples) < keep_images:
-                out.samples.append((image_id, image, p))
+                out.samples.append((image_id, image, target, p))
     return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import posixpath
 import re
 import time
@@ -26,6 +27,7 @@ import hydra
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -74,15 +76,13 @@ def _uri(fs_path: str, like: str) -> str:
     return f"s3://{fs_path}" if is_s3(like) else fs_path
 
 
-def list_inputs(infer: dict[str, Any], s3: dict[str, Any]) -> ray.data.Dataset:
-    """A dataset with one column `path` (full URIs). A folder or prefix is walked recursively
-    and filtered by extension (case-insensitive); a manifest is read by Ray Data, streaming."""
+def list_inputs(infer: dict[str, Any], s3: dict[str, Any]) -> pa.Array:
+    """The input URIs as one Arrow string array (compact: no Python object per path). A folder
+    or prefix is walked recursively and filtered by extension (case-insensitive); a manifest
+    gives its `path` column."""
     src = infer["input"]
     fs, root = _fs(src, s3)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"infer.input: {src} does not exist")
-    if info.type == pafs.FileType.File:
+    if input_kind(src, s3) == "manifest":
         return read_manifest(src, s3)
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in infer["extensions"])
     selector = pafs.FileSelector(root, recursive=True)
@@ -91,35 +91,50 @@ def list_inputs(infer: dict[str, Any], s3: dict[str, Any]) -> ray.data.Dataset:
     if len(paths) == 0:
         raise FileNotFoundError(f"infer.input: no files ending in {', '.join(exts)} under {src} "
                                 "(set infer.extensions to the ones the store holds)")
-    return ray.data.from_arrow(pa.table({"path": paths}))
+    return paths
 
 
-def read_manifest(uri: str, s3: dict[str, Any]) -> ray.data.Dataset:
-    """A .txt (one path a line), .csv or .parquet (a `path` column) manifest; relative paths are
-    relative to the manifest's folder."""
+def input_kind(src: str, s3: dict[str, Any]) -> str:
+    """"folder" or "manifest"; raises naming infer.input when it does not exist."""
+    fs, root = _fs(src, s3)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"infer.input: {src} does not exist")
+    return "manifest" if info.type == pafs.FileType.File else "folder"
+
+
+def read_manifest(uri: str, s3: dict[str, Any]) -> pa.Array:
+    """A .txt (one path a line), .csv or .parquet (a `path` column) manifest of local paths or
+    s3:// URIs; relative local paths are relative to the manifest's folder."""
     if not uri.lower().endswith(MANIFEST_SUFFIXES):
         raise ValueError(f"infer.input: {uri} is a file but not a manifest ({', '.join(MANIFEST_SUFFIXES)})")
     fs, path = _fs(uri, s3)
     kind = uri.lower().rsplit(".", 1)[1]
     if kind == "txt":
-        ds = ray.data.read_text(path, filesystem=fs).rename_columns({"text": "path"})
-    elif kind == "csv":
-        ds = ray.data.read_csv(path, filesystem=fs)
+        with fs.open_input_stream(path) as f:
+            column = pa.array(f.read().decode("utf-8").splitlines(), pa.string())
     else:
-        ds = ray.data.read_parquet(path, filesystem=fs)
-    if "path" not in ds.schema().names:
-        raise ValueError(f"infer.input: manifest {uri} has no `path` column (columns: {ds.schema().names})")
-    base = posixpath.dirname(uri) if is_s3(uri) else str(Path(uri).resolve().parent)
+        with fs.open_input_file(path) as f:
+            table = pacsv.read_csv(f) if kind == "csv" else pq.read_table(f)
+        if "path" not in table.column_names:
+            raise ValueError(f"infer.input: manifest {uri} has no `path` column (columns: {table.column_names})")
+        column = table.column("path").combine_chunks().cast(pa.string())
+    base = str(Path(uri).resolve().parent)
+    out = []
+    for p in column.to_pylist():
+        p = (p or "").strip()
+        if p and not is_s3(p):
+            p = os.path.normpath(os.path.join(base, p))  # absolute paths stay as they are
+        if p:
+            out.append(p)
+    return pa.array(out, pa.string())
 
-    def absolute(batch: pa.Table) -> pa.Table:
-        out = []
-        for p in batch.column("path").to_pylist():
-            p = (p or "").strip()
-            out.append(p if not p or is_s3(p) or p.startswith("/") else posixpath.join(base, p))
-        return pa.table({"path": pa.array(out, pa.string())})
 
-    return ds.select_columns(["path"]).map_batches(absolute, batch_format="pyarrow").filter(
-        expr="path != ''")
+def path_blocks(paths: pa.Array, infer: dict[str, Any]) -> ray.data.Dataset:
+    """A dataset of `path` in blocks of `infer.rows_per_file`: work streams through the stages and
+    reaches the disk as it goes (one block of the whole listing would be written at the end)."""
+    n = infer["rows_per_file"]
+    return ray.data.from_arrow([pa.table({"path": paths.slice(i, n)}) for i in range(0, len(paths), n)])
 
 
 def output_files(output: str, s3: dict[str, Any]) -> list[str]:
@@ -156,34 +171,17 @@ def prepare_output(output: str, s3: dict[str, Any], retry_errors: bool) -> pa.Ar
     return pa.concat_arrays(done) if done else pa.array([], pa.string())
 
 
-def drop_done(batch: pa.Table, done_ref: list) -> pa.Table:
-    """Inputs not yet in the output (`done_ref`: [ObjectRef of the done paths' array])."""
-    done = _cached_done(done_ref[0])
-    if len(done) == 0:
-        return batch
-    return batch.filter(pc.invert(pc.is_in(batch.column("path"), value_set=done)))
-
-
-_DONE: dict[Any, pa.Array] = {}
-
-
-def _cached_done(ref) -> pa.Array:
-    if ref not in _DONE:  # fetched once per worker process
-        _DONE.clear()
-        _DONE[ref] = ray.get(ref)
-    return _DONE[ref]
-
-
 # ---------------------------------------------------------------------------------------------
 # Decode (CPU tasks) and predict (actors)
 
 
 def decode_batch(batch: pa.Table, s3: dict[str, Any], max_pixels: int) -> dict[str, Any]:
-    """Read and decode each image; a failure becomes an `error` message for that row only."""
+    """Read and decode each image; a failure becomes an `error` message for that row only.
+    The column holds "" when fine: a batch of only nulls would change its type downstream."""
     out: dict[str, list] = {"path": [], "image": [], "error": []}
     for path in batch.column("path").to_pylist():
         try:
-            image, error = decode_image(read_uri(path, s3), path, max_pixels=max_pixels), None
+            image, error = decode_image(read_uri(path, s3), path, max_pixels=max_pixels), ""
         except (ImageDecodeError, OSError, ValueError) as e:
             image, error = np.zeros((0, 0, 3), np.uint8), str(e) or type(e).__name__
         out["path"].append(path)
@@ -208,10 +206,12 @@ class Predictor:
         self.uri, self.version = model_uri, version
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        paths, errors = list(batch["path"]), list(batch["error"])
+        paths, errors = list(batch["path"]), [str(e) or None for e in batch["error"]]
         good = [i for i, e in enumerate(errors) if e is None]
         images = [torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1) for i in good]
-        preds = dict(zip(good, predict_images(self.model, [(im.to(self.device).float() / 255) for im in images])))
+        preds = {}
+        if images:
+            preds = dict(zip(good, predict_images(self.model, [im.to(self.device).float() / 255 for im in images])))
         rows = {name: [] for name in SCHEMA.names}
         for i, path in enumerate(paths):
             p = preds.get(i)
@@ -364,6 +364,24 @@ def check_model(uri: str, tracking_uri: str) -> str:
     return str(Path(uri).resolve())
 
 
+def write_rows(ds: ray.data.Dataset, infer: dict[str, Any], s3: dict[str, Any], model_uri: str, tracking_uri: str,
+               version: str, fs: pafs.FileSystem, out_path: str) -> None:
+    """decode (CPU tasks) -> predict (actor pool) -> Parquet files under `out_path`."""
+    # The light stages ask for a fraction of a CPU: with whole CPUs they would wait behind the
+    # predictors on a small machine, and rows would reach the disk only at the end.
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=infer["batch_size"],
+                        compute=ray.data.TaskPoolStrategy(size=infer["decode_concurrency"]),
+                        num_cpus=0.5,  # light work; differing resources keep it out of the actors
+                        fn_kwargs={"s3": s3, "max_pixels": infer["max_pixels"]})
+    ds = ds.map_batches(Predictor, batch_size=infer["batch_size"], batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=infer["concurrency"]),
+                        num_gpus=infer["num_gpus"], num_cpus=infer["cpus_per_actor"],
+                        fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri, "version": version,
+                                               "infer": infer})
+    ds.write_parquet(out_path, filesystem=fs, schema=SCHEMA, min_rows_per_file=infer["rows_per_file"],
+                     ray_remote_args={"num_cpus": 0.25})
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     infer, s3 = cfg["infer"], cfg["data"]["s3"]
     for key in ("input", "output"):
@@ -379,6 +397,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg["output_dir"] = str(Path(cfg["output_dir"]).resolve())
     uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
     version = check_model(infer["model"], uri)
+    input_kind(infer["input"], s3)
     model_uri = infer["model"]
     if model_uri.startswith("models:/"):
         model_uri = f"models:/{model_uri[len('models:/'):].split('@')[0].split('/')[0]}/{version}"
@@ -391,19 +410,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     done = prepare_output(infer["output"], s3, infer["retry_errors"])
     before = set(output_files(infer["output"], s3)) & before
     t0 = time.time()
-    ds = list_inputs(infer, s3)
-    ds = ds.map_batches(drop_done, batch_format="pyarrow", fn_kwargs={"done_ref": [ray.put(done)]})
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=infer["batch_size"],
-                        compute=ray.data.TaskPoolStrategy(size=infer["decode_concurrency"]),
-                        num_cpus=0.5,  # light work; differing resources keep it out of the actors
-                        fn_kwargs={"s3": s3, "max_pixels": infer["max_pixels"]})
-    ds = ds.map_batches(Predictor, batch_size=infer["batch_size"], batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=infer["concurrency"]),
-                        num_gpus=infer["num_gpus"], num_cpus=infer["cpus_per_actor"],
-                        fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": uri, "version": version,
-                                               "infer": infer})
+    paths = list_inputs(infer, s3)
+    todo = paths.filter(pc.invert(pc.is_in(paths, value_set=done))) if len(done) else paths
+    print(f"{len(paths)} inputs, {len(paths) - len(todo)} already in {infer['output']}, {len(todo)} to segment")
     fs, out_path = _fs(infer["output"], s3)
-    ds.write_parquet(out_path, filesystem=fs, schema=SCHEMA, min_rows_per_file=infer["rows_per_file"])
+    if len(todo):
+        write_rows(path_blocks(todo, infer), infer, s3, model_uri, uri, version, fs, out_path)
     seconds = time.time() - t0
     files = output_files(infer["output"], s3)
     new = [f for f in files if f not in before]

@@ -75,7 +75,7 @@ def register_model(client: MlflowClient, run_id: str, name: str, alias: str | No
     version = client.create_model_version(name, source, run_id=run_id)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
-    return version.version
+    return str(version.version)
 
 
 def resolve_version(client: MlflowClient, uri: str):
@@ -116,7 +116,7 @@ def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
     if uri.startswith("models:/"):
         mv = resolve_version(client, uri)
         version, run_id = str(mv.version), mv.run_id
-        source = f"models:/{mv.name}/{mv.version}"
+        source = mv.source  # the logged model's artifact URI, read against this tracking server
     else:
         run_id = uri[len("runs:/"):].split("/")[0]
     with tempfile.TemporaryDirectory() as tmp:

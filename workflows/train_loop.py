@@ -23,7 +23,7 @@ from mrcnn import build_model
 from mrcnn.checkpoint import load_torchvision_weights, load_weights_file, save_checkpoint
 from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import coco_ground_truth
-from mrcnn.visualization import draw_predictions
+from mrcnn.visualization import draw_side_by_side
 from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
 from workflows.storage import read_bytes
 from workflows.tracking import log_metrics, mlflow_client
@@ -175,8 +175,8 @@ def evaluate(w: Worker, val_shard, config: dict[str, Any], epoch: int) -> dict[s
     metrics = preds.evaluate(config["_gt"])
     print(f"epoch {epoch} eval on {len(set(preds.image_ids))} images: " +
           " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("_AP", "AP50"))), flush=True)
-    for image_id, image, p in preds.samples:
-        w.client.log_image(w.run_id, draw_predictions(image, p, w.labels.names),
+    for image_id, image, target, p in preds.samples:
+        w.client.log_image(w.run_id, draw_side_by_side(image, target, p, w.labels.names),
                            artifact_file=f"predictions/epoch_{epoch:03d}/{image_id}.png")
     return metrics
 

@@ -1,0 +1,269 @@
+"""`mrcnn-infer` on real files: a local folder, the same store on a local S3 server, a model
+from a real MLflow registry, a killed driver, and a two-node cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from jobs import compose_job
+from s3server import s3_server, set_credentials, upload_folder
+from servers import kill_processes_mentioning
+from stores import make_store
+
+from mrcnn import build_model
+from mrcnn.data.images import decode_image
+from mrcnn.evaluation.coco_eval import coco_ground_truth
+from workflows import infer
+from workflows.engine import predict_images, set_detection_limits
+from workflows.model_io import load_model, log_model, register_model
+from workflows.tracking import mlflow_client, start_or_resume_run
+
+REPO = Path(__file__).resolve().parents[1]
+LIMITS = ["infer.score_threshold=0.05", "infer.max_detections=20", "infer.max_pixels=1000000"]
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, gapped_shapes):
+    """A tiny model (ids 3, 7, 11) logged to a run and registered as shapes-infer@champion in
+    a SQLite registry."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = compose_job(["model.transform.min_size=[64]", "model.transform.max_size=64", "model.num_classes=4"])
+    torch.manual_seed(0)
+    model = build_model(cfg["model"])
+    run_id = start_or_resume_run(uri, "maskrcnn", "infer-model", {"model": cfg["model"]})
+    client = mlflow_client(uri)
+    log_model(client, run_id, {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                               "label_map": {"category_ids": [3, 7, 11], "names": ["circle", "square", "triangle"]}})
+    version = register_model(client, run_id, "shapes-infer", alias="champion")
+    return {"uri": uri, "version": version, "root": root}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, gapped_shapes):
+    root = tmp_path_factory.mktemp("store")
+    return root, make_store(root, gapped_shapes)
+
+
+def job(out: Path, src: str, dst: str, registered: dict, *extra: str) -> dict:
+    return compose_job([f"output_dir={out}", f"tracking.tracking_uri={registered['uri']}",
+                        f"infer.input={src}", f"infer.output={dst}", "infer.model=models:/shapes-infer@champion",
+                        "infer.batch_size=3", "infer.rows_per_file=4", *LIMITS, *extra])
+
+
+def rows_of(folder: Path) -> list[dict]:
+    return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def test_folder_store_every_file_one_row(ray_local, registered, store, gapped_shapes, tmp_path):
+    root, expect = store
+    out = tmp_path / "rows"
+    result = infer.run(job(tmp_path, str(root), str(out), registered, "infer.overlays=3",
+                           f"infer.coco_annotations={gapped_shapes / 'annotations/instances_val.json'}"))
+    rows = rows_of(out)
+    by_path = {r["path"]: r for r in rows}
+    assert len(rows) == len(by_path) == len(expect)  # one row per input; readme.txt not taken
+    assert pq.read_schema(next(out.glob("*.parquet"))).equals(infer.SCHEMA, check_metadata=False)
+    for rel, want in expect.items():
+        row = by_path[str(root / rel)]
+        assert row["model"] == f"models:/shapes-infer/{registered['version']}"
+        assert row["model_version"] == registered["version"]
+        if "error" in want:
+            assert row["error"] and want["error"] in row["error"], (rel, row["error"])
+            assert row["boxes"] is None and row["width"] is None
+        else:
+            assert row["error"] is None, (rel, row["error"])
+            assert (row["width"], row["height"]) == want["size"], rel
+            assert len(row["boxes"]) == len(row["masks"]) == len(row["scores"]) <= 20
+            assert set(row["labels"]) <= {3, 7, 11}
+            assert all(m["size"] == [row["height"], row["width"]] for m in row["masks"])
+    assert "pixels" in by_path[str(root / "bomb.png")]["error"]
+
+    # A good image's row equals the same model called in-process on the same decoded image.
+    loaded = load_model("models:/shapes-infer@champion", registered["uri"])
+    model = set_detection_limits(loaded.model, 0.05, 20).eval()
+    name = "000001.jpg"
+    image = torch.from_numpy(decode_image((root / name).read_bytes())).permute(2, 0, 1).float() / 255
+    pred = predict_images(model, [image])[0]
+    row = by_path[str(root / name)]
+    assert len(pred["scores"]) > 0
+    assert torch.allclose(torch.tensor(row["boxes"]), pred["boxes"], atol=1e-4)
+    assert torch.allclose(torch.tensor(row["scores"]), pred["scores"], atol=1e-6)
+    assert row["labels"] == [loaded.labels.category_id(int(k)) for k in pred["labels"]]
+    from mrcnn.masks import encode_masks
+
+    assert [m["counts"] for m in row["masks"]] == [m["counts"] for m in encode_masks(pred["masks"])]
+
+    # Summary, MLflow run, COCO results evaluated by pycocotools, overlays inside the output.
+    s = result["summary"]
+    assert s.images == len(expect) and s.errors == 4 and s.detections == sum(len(r["scores"] or []) for r in rows)
+    run = mlflow_client(registered["uri"]).get_run(result["run_id"])
+    assert run.data.metrics["errors"] == 4 and run.data.metrics["images"] == len(expect)
+    assert len([a for a in mlflow_client(registered["uri"]).list_artifacts(result["run_id"], "overlays")]) == 3
+    results = json.loads((out / "coco_results.json").read_text())
+    assert results and {r["image_id"] for r in results} <= {1, 2, 3, 4}
+    from pycocotools.cocoeval import COCOeval
+
+    gt = coco_ground_truth(json.loads((gapped_shapes / "annotations/instances_val.json").read_text()))
+    for r in results:
+        r["segmentation"]["counts"] = r["segmentation"]["counts"].encode()
+    ev = COCOeval(gt, gt.loadRes(results), "segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert 0 <= ev.stats[0] <= 1
+    overlays = sorted((out / "overlays").iterdir())
+    assert [p.name for p in overlays] == ["000000.jpg.png", "000001.jpg.png", "000002.jpg.png"]
+
+    # Rerun after completion: nothing new is written.
+    files = sorted(out.glob("*.parquet"))
+    again = infer.run(job(tmp_path, str(root), str(out), registered, "infer.overlays=0"))
+    assert again["summary"].images == 0 and sorted(out.glob("*.parquet")) == files
+
+    # retry_errors: the error rows are tried again and still one row per input.
+    retried = infer.run(job(tmp_path, str(root), str(out), registered, "infer.overlays=0", "infer.retry_errors=true"))
+    assert retried["summary"].images == 4 and retried["summary"].errors == 4
+    assert sorted(r["path"] for r in rows_of(out)) == sorted(by_path)
+
+
+def test_same_store_on_s3_and_from_a_manifest(ray_local, registered, store, tmp_path):
+    root, expect = store
+    local = tmp_path / "local"
+    infer.run(job(tmp_path, str(root), str(local), registered, "infer.overlays=0"))
+    want = {r["path"][len(str(root)) + 1:]: r for r in rows_of(local)}
+    set_credentials()
+    with s3_server() as endpoint:
+        upload_folder(endpoint, "images", root, "store")
+        s3 = [f"data.s3.endpoint_override={endpoint}", "data.s3.access_key=testing", "data.s3.secret_key=testing"]
+        result = infer.run(job(tmp_path, "s3://images/store", "s3://images/rows", registered, "infer.overlays=1", *s3))
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", access_key="testing",
+                               secret_key="testing", region="us-east-1")
+        got = {r["path"][len("s3://images/store/"):]: r
+               for f in result["files"] for r in pq.read_table(f, filesystem=fs).to_pylist()}
+        assert result["overlays"] and result["overlays"][0].startswith("s3://images/rows/overlays/")
+    assert set(got) == set(want) == set(expect)
+    for k, row in want.items():
+        a, b = dict(got[k]), dict(row)
+        if a["error"]:  # the messages name the file where it is
+            a["error"] = a["error"].replace("s3://images/store/", "")
+            b["error"] = b["error"].replace(str(root) + "/", "")
+        assert {**a, "path": None} == {**b, "path": None}, k
+
+    # A CSV manifest with relative paths, one of them missing on disk.
+    manifest = tmp_path / "list.csv"
+    rels = [k for k in expect if "error" not in expect[k]][:3]
+    manifest.write_text("path\n" + "\n".join(str(Path(os.path.relpath(root / r, tmp_path))) for r in rels)
+                        + "\nnot/there.jpg\n")
+    out = tmp_path / "from-manifest"
+    infer.run(job(tmp_path, str(manifest), str(out), registered, "infer.overlays=0"))
+    rows = {r["path"]: r for r in rows_of(out)}
+    assert set(rows) == {str(root / r) for r in rels} | {str(tmp_path / "not/there.jpg")}
+    assert "does not exist" in rows[str(tmp_path / "not/there.jpg")]["error"] or \
+        "not/there.jpg" in rows[str(tmp_path / "not/there.jpg")]["error"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("infer.model=models:/shapes-infer@nope", "infer.model: models:/shapes-infer@nope does not exist"),
+    ("infer.model=models:/missing@champion", "no registered model 'missing'"),
+    ("infer.model=/no/such/checkpoint.pt", "infer.model: /no/such/checkpoint.pt"),
+    ("infer.input=/no/such/folder", "infer.input: /no/such/folder does not exist"),
+])
+def test_bad_infer_config_fails_before_ray(override, message, registered, store, tmp_path):
+    import ray
+
+    ray.shutdown()
+    cfg = job(tmp_path, str(store[0]), str(tmp_path / "rows"), registered, override)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        infer.run(cfg)
+    assert not ray.is_initialized()
+
+
+def test_safe_overlay_names_stay_inside_the_output():
+    root = "/data/store/"
+    for path in ["/data/store/../../etc/passwd", "/data/store/a/../../b.png", "/elsewhere/x.png",
+                 "/data/store/..", "s3://bucket/../../x.jpg", "/data/store/ünïcode name.jpg"]:
+        name = infer.safe_name(path, root)
+        assert "/" not in name and not name.startswith(".") and name
+    assert infer.safe_name("/data/store/a/b c.jpg", root) == "a__b_c.jpg"
+
+
+@pytest.mark.slow
+def test_killed_infer_job_reruns_to_exactly_one_row_per_input(registered, gapped_shapes, tmp_path):
+    """SIGKILL the driver once rows are on disk, leave a half-written file as a crash would; the
+    same command completes with exactly one row per input, and a further rerun writes nothing."""
+    import ray
+
+    ray.shutdown()
+    from mrcnn.data.shapes import write_shapes_dataset
+
+    root = write_shapes_dataset(tmp_path / "many", train=1, val=120, size=64, seed=3) / "val"
+    out = tmp_path / "rows"
+    temp = Path(f"/tmp/ri{os.getpid()}")
+    args = [sys.executable, "-m", "workflows.infer", f"output_dir={tmp_path}",
+            f"tracking.tracking_uri={registered['uri']}", f"infer.input={root}", f"infer.output={out}",
+            "infer.model=models:/shapes-infer@champion", "infer.batch_size=2", "infer.rows_per_file=2",
+            "infer.overlays=0", *LIMITS]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(RAY_TMPDIR=str(temp), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.parquet"))) < 2:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        kill_processes_mentioning(str(temp))
+    partial = rows_of(out)
+    assert 0 < len(partial) < 120
+    (out / "cut-short.parquet").write_bytes(b"PAR1" + b"\0" * 100)  # a write cut off mid-file
+    try:
+        done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        rows = rows_of(out)
+        assert len(rows) == 120 and len({r["path"] for r in rows}) == 120
+        assert f"segmented {120 - len(partial)} images" in done.stdout
+        files = sorted(out.glob("*.parquet"))
+        again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert again.returncode == 0 and "segmented 0 images" in again.stdout
+        assert sorted(out.glob("*.parquet")) == files
+    finally:
+        kill_processes_mentioning(str(temp))
+
+
+@pytest.mark.slow
+def test_two_node_cluster_runs_predictors_on_both_nodes(registered, store, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    root, expect = store
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    cluster.add_node(num_cpus=2)
+    pythonpath = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+    try:
+        ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+        out = tmp_path / "rows"
+        infer.run(job(tmp_path, str(root), str(out), registered, "infer.overlays=0", "infer.concurrency=2",
+                      "infer.cpus_per_actor=1.5"))  # 1.5 CPUs: one predictor a node
+        actors = [a for a in list_actors(detail=True, limit=1000) if "Predictor" in (a.class_name or "")]
+        assert len({a.node_id for a in actors}) == 2, [(a.class_name, a.node_id) for a in actors]
+        rows = rows_of(out)
+        assert sorted(r["path"] for r in rows) == sorted(str(root / k) for k in expect)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
