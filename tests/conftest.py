@@ -6,6 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py and helpers
+# Every test runs as a cautious deployment would: MLflow may never unpickle a model (ours are
+# state dicts + JSON). Set before any Ray worker starts, so workers inherit it.
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 
 
 @pytest.fixture(autouse=True)

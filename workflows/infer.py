@@ -42,7 +42,13 @@ from workflows.data import read_uri
 from workflows.engine import predict_images, set_detection_limits
 from workflows.model_io import load_model, resolve_version
 from workflows.storage import filesystem, is_s3, read_bytes
-from workflows.tracking import log_metrics, mlflow_client, resolve_tracking_uri, start_or_resume_run
+from workflows.tracking import (
+    check_tracking_server,
+    log_metrics,
+    mlflow_client,
+    resolve_tracking_uri,
+    start_or_resume_run,
+)
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -396,6 +402,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         infer["output"] = str(Path(infer["output"]).resolve())
     cfg["output_dir"] = str(Path(cfg["output_dir"]).resolve())
     uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
+    check_tracking_server(uri)
     version = check_model(infer["model"], uri)
     input_kind(infer["input"], s3)
     model_uri = infer["model"]

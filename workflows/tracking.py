@@ -19,6 +19,26 @@ def mlflow_client(uri: str) -> MlflowClient:
     return MlflowClient(uri, registry_uri=uri)
 
 
+def check_tracking_server(uri: str, timeout: float = 10) -> None:
+    """Fail fast, naming the URI, when an http(s) tracking server does not answer (MLflow's own
+    client would retry for minutes, after the job had started)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):  # behind authentication: it answers
+            return
+        raise ConnectionError(f"tracking.tracking_uri={uri}: the MLflow server answered {e.code} on /health; "
+                              "check the URI") from None
+    except OSError as e:
+        raise ConnectionError(f"tracking.tracking_uri={uri}: no MLflow server answers there ({e}); start it "
+                              "(mlflow server --host 127.0.0.1 --port 5000) or fix the URI") from None
+
+
 def resolve_tracking_uri(tracking: dict[str, Any], output_dir: str) -> str:
     """Always absolute: a relative sqlite path would split across Ray workers' directories."""
     uri = tracking.get("tracking_uri")

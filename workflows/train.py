@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from mrcnn.checkpoint import load_weights_file
 from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.model_io import log_model, register_model
-from workflows.tracking import mlflow_client, resolve_tracking_uri, start_or_resume_run
+from workflows.tracking import check_tracking_server, mlflow_client, resolve_tracking_uri, start_or_resume_run
 from workflows.trainer import build_trainer, init_ray, load_training_data, prepare
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,12 @@ def finish_run(client: MlflowClient, run_id: str, result, registered_model: str 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train; returns {run_id, tracking_uri, checkpoint (path), version, metrics}."""
     cfg = prepare(cfg)
+    uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
+    check_tracking_server(uri)
     data = load_training_data(cfg)
     init_ray(cfg["ray_address"])
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg["run_name"] = cfg["run_name"] or time.strftime("mrcnn-%Y%m%d-%H%M%S")
-    uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
     run_id = start_or_resume_run(uri, cfg["tracking"]["experiment"], cfg["run_name"], training_params(cfg))
     trainer = build_trainer(training_params(cfg), data, run_id, uri,
                             storage_path=str(Path(cfg["output_dir"]) / "ray_results"), name=cfg["run_name"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,24 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
         validate_cfg = {**cfg, "model": {**cfg["model"], "num_classes": 2}}
     validate(validate_cfg)
     cfg["output_dir"] = str(Path(cfg["output_dir"]).resolve())
+    ensure_writable(cfg["output_dir"], "output_dir")
     if not is_s3(cfg["data"]["root"]):
         cfg["data"]["root"] = str(Path(cfg["data"]["root"]).resolve())
     return cfg
+
+
+def ensure_writable(folder: str, key: str) -> None:
+    """Create `folder` and write a byte there, or raise naming the key and the path: checkpoints
+    and the tracking store go there, and a full disk should stop the job before training."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(f"{key}={folder} is not writable ({e.strerror or e}); free space there or point "
+                      f"{key} at another folder") from None
 
 
 @dataclass

@@ -31,7 +31,13 @@ from ray.tune.schedulers import ASHAScheduler
 from mrcnn.checkpoint import load_weights_file
 from workflows.config import CONF_DIR, register_configs, to_container, validate
 from workflows.model_io import ARTIFACT_PATH, log_model, register_model
-from workflows.tracking import log_metrics, mlflow_client, resolve_tracking_uri, start_or_resume_run
+from workflows.tracking import (
+    check_tracking_server,
+    log_metrics,
+    mlflow_client,
+    resolve_tracking_uri,
+    start_or_resume_run,
+)
 from workflows.train import finish_run, training_params
 from workflows.trainer import TrainingData, build_trainer, init_ray, load_training_data, prepare
 
@@ -232,9 +238,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     check_space(base, space)
     max_epochs = sweep_cfg["scheduler"]["max_epochs"] or base["trainer"]["epochs"]
     name = sweep_cfg["name"] or time.strftime("sweep-%Y%m%d-%H%M%S")
+    uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
+    check_tracking_server(uri)
     init_ray(cfg["ray_address"], dashboard=True)  # the State API frees placement groups of stopped trials
     ray.data.DataContext.get_current().enable_progress_bars = False
-    uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
     parent = start_or_resume_run(uri, cfg["tracking"]["experiment"], name,
                                  {"sweep": {**sweep_cfg, "name": name}, **base}, tags={"sweep": name})
     sweeps_dir = Path(cfg["output_dir"]) / "sweeps"

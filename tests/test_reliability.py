@@ -1,0 +1,77 @@
+"""Bad input answered clearly, before any Ray work; weights that would run code refused."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from jobs import compose_job, tiny
+from servers import free_port
+
+from mrcnn.checkpoint import UnsafeWeightsError, load_checkpoint, load_torchvision_weights, load_weights_file
+from mrcnn.data.images import ImageDecodeError, decode_image
+from workflows.model_io import read_model_dir, write_model_dir
+from workflows.train import run
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_with_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": _RunsCode(str(marker))}, f)
+    for load in (load_weights_file, load_checkpoint,
+                 lambda p: load_torchvision_weights(torch.nn.Linear(1, 1), p)):
+        with pytest.raises(UnsafeWeightsError, match="evil.pt was refused"):
+            load(evil)
+    # The same file inside a logged-model folder.
+    cfg = compose_job(["model.num_classes=2", "model.backbone.name=resnet18"])["model"]
+    folder = write_model_dir(tmp_path / "model", {}, cfg, {"category_ids": [1], "names": ["a"]})
+    (folder / "weights.pt").write_bytes(evil.read_bytes())
+    with pytest.raises(UnsafeWeightsError):
+        read_model_dir(folder)
+    assert not marker.exists()
+
+
+def test_mlflow_never_unpickles_in_the_tests():
+    assert os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION") == "false"
+
+
+def test_unreachable_tracking_server_fails_before_training(gapped_shapes, tmp_path):
+    import ray
+
+    ray.shutdown()
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match=f"tracking.tracking_uri={url}: no MLflow server answers"):
+        run(tiny(tmp_path / "out", gapped_shapes, f"tracking.tracking_uri={url}"))
+    assert not ray.is_initialized() and not (tmp_path / "out" / "ray_results").exists()
+
+
+def test_unwritable_output_dir_fails_before_training(gapped_shapes, tmp_path):
+    import ray
+
+    ray.shutdown()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=f"output_dir={blocker}/out is not writable"):
+        run(tiny(blocker / "out", gapped_shapes))
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "empty"),
+    (b"GIF89a but not really", "not an image format"),
+    (b"\xff\xd8\xff\xe0" + b"\0" * 20, "cannot decode image x.jpg"),
+])
+def test_bad_image_bytes_get_a_message_naming_the_file(data, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data, "x.jpg")
