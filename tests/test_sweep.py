@@ -16,8 +16,10 @@ from jobs import compose_job
 from mlflow.tracking import MlflowClient
 from servers import kill_processes_mentioning, mlflow_server
 
+from mrcnn.checkpoint import load_weights_file
 from workflows import registry, tune
-from workflows.model_io import load_model
+from workflows.model_io import load_model, log_model
+from workflows.tracking import start_or_resume_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.generate=null", "model.transform.min_size=[64]", "model.transform.max_size=64",
@@ -109,31 +111,39 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
         for k in ("boxes", "scores", "labels", "masks"):
             assert torch.equal(a[k], b[k])
 
-        # promote: the first candidate becomes champion; a worse candidate does not replace it.
+        # promote. A blind model (its classifier always says background: no detection, AP 0)
+        # is champion; the best trial beats it; a blind candidate does not replace that.
         eval_overrides = [f"output_dir={tmp_path / 'out'}", f"data.root={gapped_shapes}", *TINY]
-        first = registry.promote(client, url, "shapes-sweep", registry.job_config(eval_overrides))
-        assert first["decision"].startswith("promoted")
-        assert client.get_model_version_by_alias("shapes-sweep", "champion").version == mv.version
-        worst = max((r for r in rows if r["checkpoint"]), key=lambda r: r["best_epoch_loss_classifier"])
-        worse_run = by_trial[worst["trial_id"]].info.run_id
-        if not client.list_artifacts(worse_run, "model"):
-            from mrcnn.checkpoint import load_weights_file
-            from workflows.model_io import log_model
-
-            log_model(client, worse_run, load_weights_file(Path(worst["checkpoint"]) / "checkpoint.pt"))
-        registry.main(["--tracking-uri", url, "register", worse_run, "shapes-sweep", "--", *eval_overrides])
-        cand = client.get_model_version_by_alias("shapes-sweep", "candidate")
-        # Force the comparison to be strict: a champion at AP 0 would never be beaten.
-        second = registry.promote(client, url, "shapes-sweep", registry.job_config(eval_overrides),
+        payload = load_weights_file(Path(out["best"]["checkpoint"]) / "checkpoint.pt")
+        bias = payload["model"]["roi_heads.box_predictor.cls_score.bias"]
+        bias[:] = -100.0
+        bias[0] = 100.0
+        blind_run = start_or_resume_run(url, "maskrcnn", "blind", {"model": payload["model_config"]})
+        log_model(client, blind_run, payload)
+        blind = registry_version(client, url, blind_run, eval_overrides)
+        registry.main(["--tracking-uri", url, "alias", "shapes-sweep", blind, "champion", "--", *eval_overrides])
+        registry.main(["--tracking-uri", url, "alias", "shapes-sweep", str(mv.version), "candidate", "--",
+                       *eval_overrides])
+        better = registry.promote(client, url, "shapes-sweep", registry.job_config(eval_overrides),
                                   metric="segm_AP50")
-        champion = client.get_model_version_by_alias("shapes-sweep", "champion").version
-        if second["candidate_segm_AP50"] > second["champion_segm_AP50"]:
-            assert second["decision"].startswith("promoted") and champion == cand.version
-        else:
-            assert second["decision"].startswith("kept") and champion == mv.version
-        promo = client.get_run(second["run_id"])
-        assert "candidate_segm_AP50" in promo.data.metrics and "champion_segm_AP50" in promo.data.metrics
-        assert promo.data.tags["decision"] == second["decision"]
+        assert better["champion_segm_AP50"] == 0 and better["candidate_segm_AP50"] > 0, better
+        assert better["decision"] == f"promoted version {mv.version}"
+        assert client.get_model_version_by_alias("shapes-sweep", "champion").version == mv.version
+
+        worse_version = registry_version(client, url, blind_run, eval_overrides)  # alias candidate
+        worse = registry.promote(client, url, "shapes-sweep", registry.job_config(eval_overrides),
+                                 metric="segm_AP50")
+        assert worse["decision"].startswith(f"kept version {mv.version}") and worse["candidate"] == worse_version
+        assert client.get_model_version_by_alias("shapes-sweep", "champion").version == mv.version
+        promo = client.get_run(worse["run_id"])
+        assert promo.data.metrics["candidate_segm_AP50"] == 0 and promo.data.metrics["champion_segm_AP50"] > 0
+        assert promo.data.tags["decision"] == worse["decision"]
+
+
+def registry_version(client, url: str, run_id: str, overrides: list[str]) -> str:
+    """`mrcnn-models register RUN_ID shapes-sweep`; returns the new version."""
+    registry.main(["--tracking-uri", url, "register", run_id, "shapes-sweep", "--", *overrides])
+    return str(client.get_model_version_by_alias("shapes-sweep", "candidate").version)
 
 
 @pytest.mark.slow

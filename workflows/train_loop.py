@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +28,13 @@ from mrcnn.visualization import draw_side_by_side
 from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
 from workflows.storage import read_bytes
 from workflows.tracking import log_metrics, mlflow_client
+
+
+def say(line: str) -> None:
+    """One line to the worker's stdout (streamed to the driver). Not print(): Ray Train patches
+    print on its workers to log through the root logger as well, so every line came out twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def lr_factor(step: int, total: int, opt: dict[str, Any]) -> float:
@@ -91,7 +99,7 @@ def setup(config: dict[str, Any]) -> Worker:
     scaler = torch.amp.GradScaler("cuda", enabled=trainer_cfg["amp"] and device.type == "cuda")
     client = mlflow_client(config["tracking_uri"]) if rank == 0 else None
     if rank == 0:
-        print(f"{world} worker(s), {torch.get_num_threads()} torch threads each", flush=True)
+        say(f"{world} worker(s), {torch.get_num_threads()} torch threads each")
     return Worker(cfg, CategoryMap.from_dict(config["label_map"]), rank, world, device, model, core, optimizer,
                   scheduler, scaler, total_steps, total_batch, client, config["run_id"])
 
@@ -109,7 +117,7 @@ def resume(w: Worker) -> tuple[int, int]:
     w.scheduler.load_state_dict(payload["scheduler"])
     w.scaler.load_state_dict(payload["scaler"])
     if w.rank == 0:
-        print(f"resumed from epoch {payload['epoch']} (step {payload['step']})", flush=True)
+        say(f"resumed from epoch {payload['epoch']} (step {payload['step']})")
     return payload["epoch"] + 1, payload["step"]
 
 
@@ -150,9 +158,9 @@ class StepLogger:
             log_metrics(self.w.client, self.w.run_id, metrics, step)
         wait_share = stats.data_wait_s / max(stats.data_wait_s + stats.compute_s, 1e-9)
         eta = (self.w.total_steps - step) / max(rate, 1e-9)
-        print(f"{time.strftime('%H:%M:%S')} epoch {self.epoch} step {step}/{self.w.total_steps} "
+        say(f"{time.strftime('%H:%M:%S')} epoch {self.epoch} step {step}/{self.w.total_steps} "
               f"loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s "
-              f"data wait {100 * wait_share:.0f}% ETA {eta / 60:.1f} min", flush=True)
+              f"data wait {100 * wait_share:.0f}% ETA {eta / 60:.1f} min")
 
 
 def evaluate(w: Worker, val_shard, config: dict[str, Any], epoch: int) -> dict[str, float]:
@@ -173,8 +181,8 @@ def evaluate(w: Worker, val_shard, config: dict[str, Any], epoch: int) -> dict[s
     if config.get("_gt") is None:  # parsed once per worker process
         config["_gt"] = coco_ground_truth(json.loads(read_bytes(config["val_annotations"], w.cfg["data"]["s3"])))
     metrics = preds.evaluate(config["_gt"])
-    print(f"epoch {epoch} eval on {len(set(preds.image_ids))} images: " +
-          " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("_AP", "AP50"))), flush=True)
+    say(f"epoch {epoch} eval on {len(set(preds.image_ids))} images: " +
+          " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("_AP", "AP50"))))
     for image_id, image, target, p in preds.samples:
         w.client.log_image(w.run_id, draw_side_by_side(image, target, p, w.labels.names),
                            artifact_file=f"predictions/epoch_{epoch:03d}/{image_id}.png")
