@@ -16,6 +16,7 @@ from servers import ray_head
 from workflows.train import run
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def test_job_submitted_to_a_ray_head(gapped_shapes, tmp_path, monkeypatch):

@@ -45,6 +45,7 @@ def test_invalid_values_fail_before_ray(override, message):
         prepare(compose_job([override]))
 
 
+@pytest.mark.slow
 def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
     with mlflow_server(tmp_path / "mlflow") as url:
         cfg = tiny(tmp_path / "out", gapped_shapes, "trainer.epochs=1", f"tracking.tracking_uri={url}",
@@ -104,6 +105,7 @@ def test_missing_image_stops_the_job_before_training(ray_local, gapped_shapes, t
     assert not (tmp_path / "out" / "ray_results").exists()
 
 
+@pytest.mark.slow
 def test_recovers_from_a_killed_worker(ray_local, gapped_shapes, tmp_path):
     """Kill the training worker after the first checkpoint: Ray Train restarts it from there and
     the job finishes, into the same MLflow run."""
