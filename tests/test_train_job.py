@@ -56,12 +56,15 @@ def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
         assert r.data.params["model.backbone.name"] == "resnet18"
         assert r.data.params["model.num_classes"] == "4"  # 3 categories + background
         assert r.data.tags["ray.worker_nodes"]
+        kind = client.get_experiment(r.info.experiment_id).tags["mlflow.experimentKind"]
+        assert kind == "custom_model_development"  # the UI's model-training view
         assert "segm_AP" in r.data.metrics and "bbox_AP50" in r.data.metrics
         assert len(client.get_metric_history(r.info.run_id, "loss")) >= 3  # 8 images / 2 per step
         for name in ("images_per_s", "lr", "data_wait_s", "loss_mask"):
             assert name in r.data.metrics
         files = {f.path for f in client.list_artifacts(r.info.run_id)}
-        assert {"config.yaml", "model", "predictions"} <= files
+        assert {"config.yaml", "model", "predictions", "data_report"} <= files
+        assert r.data.metrics["train_images_skipped"] == 0 and "data_train_problems" in r.data.metrics
         model_files = {f.path for f in client.list_artifacts(r.info.run_id, "model")}
         assert model_files == {"model/weights.pt", "model/model_config.json", "model/label_map.json"}
         assert client.get_model_version_by_alias("shapes-tiny", "candidate").run_id == first["run_id"]
@@ -134,3 +137,14 @@ def test_recovers_from_a_killed_worker(ray_local, gapped_shapes, tmp_path):
     client = MlflowClient(result["tracking_uri"])
     exp = client.get_experiment_by_name("maskrcnn")
     assert len(client.search_runs([exp.experiment_id], filter_string="tags.ray_run_name = 'kill'")) == 1
+
+
+@pytest.mark.slow
+def test_undecodable_training_image_is_skipped_counted_and_logged(ray_local, gapped_shapes, tmp_path):
+    root = tmp_path / "corrupt"
+    shutil.copytree(gapped_shapes, root)
+    (root / "train/000003.jpg").write_bytes(b"not a jpeg at all")
+    result = run(tiny(tmp_path / "out", root, "trainer.epochs=1", "run_name=corrupt"))
+    client = MlflowClient(result["tracking_uri"])
+    assert client.get_run(result["run_id"]).data.metrics["train_images_skipped"] == 1
+    assert result["metrics"]["step"] == 4  # the 7 good images in batches of 2

@@ -70,7 +70,9 @@ def experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
         location = None
         if uri.startswith("sqlite:///"):
             location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=location)
+        # The UI opens an experiment of this kind in its model-training view, not the GenAI one.
+        exp_id = client.create_experiment(experiment, artifact_location=location,
+                                          tags={"mlflow.experimentKind": "custom_model_development"})
     return exp_id
 
 

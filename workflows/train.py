@@ -20,8 +20,14 @@ from omegaconf import DictConfig
 from mrcnn.checkpoint import load_weights_file
 from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.model_io import log_model, register_model
-from workflows.tracking import check_tracking_server, mlflow_client, resolve_tracking_uri, start_or_resume_run
-from workflows.trainer import build_trainer, init_ray, load_training_data, prepare
+from workflows.tracking import (
+    check_tracking_server,
+    log_metrics,
+    mlflow_client,
+    resolve_tracking_uri,
+    start_or_resume_run,
+)
+from workflows.trainer import TrainingData, build_trainer, init_ray, load_training_data, prepare
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -32,6 +38,15 @@ OTHER_JOBS = ("sweep", "infer")
 
 def training_params(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in OTHER_JOBS}
+
+
+def log_data_report(client: MlflowClient, run_id: str, data: TrainingData) -> None:
+    """What the annotation files' validation skipped or fixed, as a run artifact and counts."""
+    for split in (data.train, data.val):
+        client.log_text(run_id, str(split.report) + "\n", f"data_report/{split.name}.txt")
+    counts = {f"data_{split.name}_problems": sum(split.report.counts.values()) for split in (data.train, data.val)}
+    if not set(counts) <= set(client.get_run(run_id).data.metrics):  # once, not again on a resume
+        log_metrics(client, run_id, counts, 0)
 
 
 def finish_run(client: MlflowClient, run_id: str, result, registered_model: str | None,
@@ -60,6 +75,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg["run_name"] = cfg["run_name"] or time.strftime("mrcnn-%Y%m%d-%H%M%S")
     run_id = start_or_resume_run(uri, cfg["tracking"]["experiment"], cfg["run_name"], training_params(cfg))
+    log_data_report(mlflow_client(uri), run_id, data)
     trainer = build_trainer(training_params(cfg), data, run_id, uri,
                             storage_path=str(Path(cfg["output_dir"]) / "ray_results"), name=cfg["run_name"])
     result = trainer.fit()

@@ -189,6 +189,18 @@ def evaluate(w: Worker, val_shard, config: dict[str, Any], epoch: int) -> dict[s
     return metrics
 
 
+def images_skipped(w: Worker, seen: int, expected: int) -> int | None:
+    """Training images of this epoch that never arrived (unreadable files are dropped, with a
+    warning naming them, by the data pipeline): the records minus the images all workers saw.
+    None when the epoch was cut short by max_steps."""
+    total = torch.tensor([seen], dtype=torch.int64)
+    if w.world > 1:
+        dist.all_reduce(total)
+    if w.cfg["trainer"]["max_steps"] and int(total) < expected:
+        return None
+    return expected - int(total)
+
+
 def save_and_report(w: Worker, metrics: dict[str, float], epoch: int, step: int, save: bool) -> None:
     """Report this epoch's metrics to Ray Train, with a checkpoint from rank 0 when `save`."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,6 +234,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 on_step=StepLogger(w, epoch, step, steps_logged))
         metrics: dict[str, float] = {"epoch": epoch, "epochs_completed": epoch + 1, "step": step}
         metrics.update({f"epoch_{k}": v for k, v in stats.mean_losses().items()})
+        skipped = images_skipped(w, stats.images, config["num_train_images"])
+        if skipped is not None:
+            metrics["train_images_skipped"] = skipped
         last = epoch == trainer_cfg["epochs"] - 1 or bool(max_steps and step >= max_steps)
         if (epoch + 1) % trainer_cfg["eval_every_epochs"] == 0 or last:
             metrics.update(evaluate(w, val_shard, config, epoch))
