@@ -111,9 +111,12 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
         for k in ("boxes", "scores", "labels", "masks"):
             assert torch.equal(a[k], b[k])
 
-        # promote. A blind model (its classifier always says background: no detection, AP 0)
-        # is champion; the best trial beats it; a blind candidate does not replace that.
-        eval_overrides = [f"output_dir={tmp_path / 'out'}", f"data.root={gapped_shapes}", *TINY]
+        # promote, on a val split whose ground truth is what the best trial predicts (so its AP
+        # is high whatever a few tiny epochs taught it). A blind model (its classifier always
+        # says background: no detection, AP 0) is champion; the best trial beats it; a blind
+        # candidate does not replace that.
+        judged = its_own_ground_truth(registered, gapped_shapes, tmp_path / "judged")
+        eval_overrides = [f"output_dir={tmp_path / 'out'}", f"data.root={judged}", *TINY]
         payload = load_weights_file(Path(out["best"]["checkpoint"]) / "checkpoint.pt")
         bias = payload["model"]["roi_heads.box_predictor.cls_score.bias"]
         bias[:] = -100.0
@@ -138,6 +141,33 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
         promo = client.get_run(worse["run_id"])
         assert promo.data.metrics["candidate_segm_AP50"] == 0 and promo.data.metrics["champion_segm_AP50"] > 0
         assert promo.data.tags["decision"] == worse["decision"]
+
+
+def its_own_ground_truth(model, src: Path, dst: Path) -> Path:
+    """A copy of the shapes dataset whose val annotations are `model`'s predictions."""
+    import json
+    import shutil
+
+    from mrcnn.data.images import decode_image
+    from mrcnn.masks import encode_masks
+
+    shutil.copytree(src, dst)
+    ann_path = dst / "annotations/instances_val.json"
+    coco = json.loads(ann_path.read_text())
+    categories = sorted(c["id"] for c in coco["categories"])
+    anns = []
+    for im in coco["images"]:
+        pixels = decode_image((dst / im["file_name"]).read_bytes())
+        with torch.no_grad():
+            p = model([torch.from_numpy(pixels).permute(2, 0, 1).float() / 255])[0]
+        for box, label, rle in zip(p["boxes"].tolist(), p["labels"].tolist(), encode_masks(p["masks"])):
+            x1, y1, x2, y2 = box
+            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": categories[label - 1],
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": rle, "iscrowd": 0,
+                         "area": (x2 - x1) * (y2 - y1)})
+    assert anns, "the model predicts nothing: no ground truth to judge by"
+    ann_path.write_text(json.dumps({**coco, "annotations": anns}))
+    return dst
 
 
 def registry_version(client, url: str, run_id: str, overrides: list[str]) -> str:

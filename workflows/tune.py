@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -323,9 +322,11 @@ def print_summary(rows, key, best, name, parent, uri, version, cfg, space) -> No
         registered = cfg["tracking"]["registered_model"] or "maskrcnn"
         print(f"best trial {best['trial_id']}: {key} {best[key]:.3f}; registered {registered} version {version} "
               f"(alias {cfg['sweep']['register_alias']})")
+    else:
+        print("no trial reported the metric with a checkpoint: nothing registered; see the trials' logs")
     print(f"MLflow parent run {parent} at {uri}")
-    if not math.isfinite(best[key] if best else float("nan")):
-        print("no trial reported the metric; see the trials' logs")
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
+    print(f"compare the trials in the MLflow UI: {ui}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
