@@ -91,7 +91,10 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
             child = by_trial[r["trial_id"]]
             assert child.data.tags["sweep.status"] == r["status"]
             assert child.data.params["trainer.optimizer.lr"] == str(r["trainer.optimizer.lr"])
-            assert len(client.get_metric_history(child.info.run_id, "epoch_loss_classifier")) == r["epochs"]
+            logged = len(client.get_metric_history(child.info.run_id, "epoch_loss_classifier"))
+            # A trial ASHA stops may finish the epoch it is in before it is killed: at most one
+            # epoch more in MLflow than Tune recorded.
+            assert logged == r["epochs"] if r["status"] == "completed" else r["epochs"] <= logged <= r["epochs"] + 1
 
         # Two trials ran at once: their report times overlap.
         spans = sorted((r["started"], r["ended"]) for r in rows)

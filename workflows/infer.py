@@ -48,6 +48,7 @@ from workflows.tracking import (
     mlflow_client,
     resolve_tracking_uri,
     start_or_resume_run,
+    ui_command,
 )
 
 log = logging.getLogger(__name__)
@@ -464,7 +465,7 @@ def print_summary(s: Summary, outputs: dict[str, Any], run_id: str, uri: str) ->
         print(f"COCO results: {outputs['coco_results']} ({outputs['coco_detections']} detections)")
     if outputs.get("overlays"):
         print(f"overlays: {posixpath.dirname(outputs['overlays'][0])}")
-    print(f"MLflow run {run_id} at {uri}")
+    print(f"MLflow run {run_id} at {uri}; open the UI: {ui_command(uri)}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

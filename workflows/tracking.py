@@ -39,6 +39,11 @@ def check_tracking_server(uri: str, timeout: float = 10) -> None:
                               "(mlflow server --host 127.0.0.1 --port 5000) or fix the URI") from None
 
 
+def ui_command(uri: str) -> str:
+    """How to open the MLflow UI on this tracking store."""
+    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
+
+
 def resolve_tracking_uri(tracking: dict[str, Any], output_dir: str) -> str:
     """Always absolute: a relative sqlite path would split across Ray workers' directories."""
     uri = tracking.get("tracking_uri")

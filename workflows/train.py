@@ -26,6 +26,7 @@ from workflows.tracking import (
     mlflow_client,
     resolve_tracking_uri,
     start_or_resume_run,
+    ui_command,
 )
 from workflows.trainer import TrainingData, build_trainer, init_ray, load_training_data, prepare
 
@@ -83,8 +84,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     final = finish_run(client, run_id, result, cfg["tracking"]["registered_model"])
     client.set_terminated(run_id)
     print(f"MLflow run {run_id} (experiment {cfg['tracking']['experiment']!r}) at {uri}")
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
-    print(f"open the MLflow UI: {ui}")
+    print(f"open the MLflow UI: {ui_command(uri)}")
     if final["version"]:
         print(f"registered {cfg['tracking']['registered_model']} version {final['version']} (alias candidate)")
     if final["checkpoint"]:

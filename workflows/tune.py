@@ -36,6 +36,7 @@ from workflows.tracking import (
     mlflow_client,
     resolve_tracking_uri,
     start_or_resume_run,
+    ui_command,
 )
 from workflows.train import finish_run, training_params
 from workflows.trainer import TrainingData, build_trainer, init_ray, load_training_data, prepare
@@ -325,8 +326,7 @@ def print_summary(rows, key, best, name, parent, uri, version, cfg, space) -> No
     else:
         print("no trial reported the metric with a checkpoint: nothing registered; see the trials' logs")
     print(f"MLflow parent run {parent} at {uri}")
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
-    print(f"compare the trials in the MLflow UI: {ui}")
+    print(f"compare the trials in the MLflow UI: {ui_command(uri)}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
