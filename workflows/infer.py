@@ -414,9 +414,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         ray.init(address=cfg["ray_address"])
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    before = set(output_files(infer["output"], s3))
     done = prepare_output(infer["output"], s3, infer["retry_errors"])
-    before = set(output_files(infer["output"], s3)) & before
+    before = set(output_files(infer["output"], s3))  # after the clean-up: what this run did not write
     t0 = time.time()
     paths = list_inputs(infer, s3)
     todo = paths.filter(pc.invert(pc.is_in(paths, value_set=done))) if len(done) else paths
