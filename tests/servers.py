@@ -76,6 +76,25 @@ def ray_head(num_cpus: int = 3):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def kill_job(proc: subprocess.Popen, temp: str, timeout: float = 20) -> None:
+    """SIGKILL a job's driver, started with `start_new_session=True`, and every Ray process it
+    started, as a crash of the machine's job would. Ray workers rename their command lines
+    (`ray::Predictor`), so they are found as the driver's descendants, collected before the kill:
+    a survivor could still write output after the test has looked at it."""
+    import psutil
+
+    tree = []
+    with contextlib.suppress(psutil.Error):
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, 9)
+    for p in tree:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait()
+    psutil.wait_procs(tree, timeout=timeout)
+    kill_processes_mentioning(temp, timeout)
+
+
 def kill_processes_mentioning(text: str, timeout: float = 20) -> int:
     """SIGKILL every process whose command line mentions `text` (a test's own temp folder);
     returns how many there were."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 from jobs import compose_job
 from s3server import s3_server, set_credentials, upload_folder
-from servers import kill_processes_mentioning
+from servers import kill_job, kill_processes_mentioning
 from stores import make_store
 
 from mrcnn import build_model
@@ -223,8 +222,7 @@ def test_killed_infer_job_reruns_to_exactly_one_row_per_input(registered, gapped
         while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.parquet"))) < 2:
             time.sleep(0.2)
         assert proc.poll() is None, "the job finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_job(proc, str(temp))
     finally:
         kill_processes_mentioning(str(temp))
     partial = rows_of(out)

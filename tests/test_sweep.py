@@ -4,7 +4,6 @@ real MLflow server on 127.0.0.1."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import torch
 from jobs import compose_job
 from mlflow.tracking import MlflowClient
-from servers import kill_processes_mentioning, mlflow_server
+from servers import kill_job, kill_processes_mentioning, mlflow_server
 
 from mrcnn.checkpoint import load_weights_file
 from workflows import registry, tune
@@ -211,8 +210,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(gapped_sh
         assert done and started, "the sweep did not reach its second trial in time"
         first_trial = done[0]
         first_checkpoints = sorted(p.name for p in first_trial.glob("checkpoint_*"))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_job(proc, str(temp))
     finally:
         log.close()
         kill_processes_mentioning(str(temp))
