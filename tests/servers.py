@@ -35,9 +35,10 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 @contextmanager
-def mlflow_server(root: Path):
-    """`mlflow server` with a SQLite store and local artifacts; yields its URL."""
-    port = free_port()
+def mlflow_server(root: Path, port: int | None = None):
+    """`mlflow server` with a SQLite store and local artifacts; yields its URL. The same `root`
+    and `port` again: the same server back after it went away."""
+    port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "server.log", "wb")  # noqa: SIM115 - outlives this statement, closed below
     proc = subprocess.Popen(

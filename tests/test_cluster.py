@@ -46,7 +46,7 @@ def test_job_submitted_to_a_ray_head(gapped_shapes, tmp_path, monkeypatch):
         [MlflowClient(f"sqlite:///{db}").get_experiment_by_name("maskrcnn").experiment_id],
         filter_string="tags.ray_run_name = 'submitted'")
     assert len(runs) == 1
-    assert "loss" in runs[0].data.metrics and "segm_AP" in runs[0].data.metrics
+    assert "train/loss" in runs[0].data.metrics and "val/segm_AP" in runs[0].data.metrics
 
 
 def test_two_node_cluster_puts_a_worker_on_each_node(gapped_shapes, tmp_path):

@@ -106,7 +106,7 @@ def test_folder_store_every_file_one_row(ray_local, registered, store, gapped_sh
     s = result["summary"]
     assert s.images == len(expect) and s.errors == 4 and s.detections == sum(len(r["scores"] or []) for r in rows)
     run = mlflow_client(registered["uri"]).get_run(result["run_id"])
-    assert run.data.metrics["errors"] == 4 and run.data.metrics["images"] == len(expect)
+    assert run.data.metrics["infer/errors"] == 4 and run.data.metrics["infer/images"] == len(expect)
     assert len([a for a in mlflow_client(registered["uri"]).list_artifacts(result["run_id"], "overlays")]) == 3
     results = json.loads((out / "coco_results.json").read_text())
     assert results and {r["image_id"] for r in results} <= {1, 2, 3, 4}

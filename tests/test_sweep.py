@@ -77,7 +77,7 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
         assert out["best"]["trainer.optimizer.lr"] == 2e-3
 
         parent = client.get_run(out["parent_run_id"])
-        assert parent.data.tags["sweep"] == "lr" and "best_epoch_loss_classifier" in parent.data.metrics
+        assert parent.data.tags["sweep"] == "lr" and "train/epoch_loss_classifier" in parent.data.metrics
         artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
         assert {"trials.csv", "epoch_loss_classifier_vs_params.png", "config.yaml"} <= artifacts
         table = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))).read_text()
@@ -90,7 +90,7 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
             child = by_trial[r["trial_id"]]
             assert child.data.tags["sweep.status"] == r["status"]
             assert child.data.params["trainer.optimizer.lr"] == str(r["trainer.optimizer.lr"])
-            logged = len(client.get_metric_history(child.info.run_id, "epoch_loss_classifier"))
+            logged = len(client.get_metric_history(child.info.run_id, "train/epoch_loss_classifier"))
             # A trial ASHA stops may finish the epoch it is in before it is killed: at most one
             # epoch more in MLflow than Tune recorded.
             assert logged == r["epochs"] if r["status"] == "completed" else r["epochs"] <= logged <= r["epochs"] + 1
@@ -141,7 +141,7 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
         assert worse["decision"].startswith(f"kept version {mv.version}") and worse["candidate"] == worse_version
         assert client.get_model_version_by_alias("shapes-sweep", "champion").version == mv.version
         promo = client.get_run(worse["run_id"])
-        assert promo.data.metrics["candidate_segm_AP50"] == 0 and promo.data.metrics["champion_segm_AP50"] > 0
+        assert promo.data.metrics["candidate/segm_AP50"] == 0 and promo.data.metrics["champion/segm_AP50"] > 0
         assert promo.data.tags["decision"] == worse["decision"]
 
 
@@ -231,5 +231,5 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(gapped_sh
     # The finished trial was not trained again: same checkpoints, one loss value per step.
     assert sorted(p.name for p in first_trial.glob("checkpoint_*")) == first_checkpoints
     for c in children:
-        steps = [m.step for m in client.get_metric_history(c.info.run_id, "loss")]
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
         assert len(steps) == len(set(steps)) and max(steps) == 8, steps

@@ -58,13 +58,13 @@ def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
         assert r.data.tags["ray.worker_nodes"]
         kind = client.get_experiment(r.info.experiment_id).tags["mlflow.experimentKind"]
         assert kind == "custom_model_development"  # the UI's model-training view
-        assert "segm_AP" in r.data.metrics and "bbox_AP50" in r.data.metrics
-        assert len(client.get_metric_history(r.info.run_id, "loss")) >= 3  # 8 images / 2 per step
-        for name in ("images_per_s", "lr", "data_wait_s", "loss_mask"):
+        assert "val/segm_AP" in r.data.metrics and "val/bbox_AP50" in r.data.metrics
+        assert len(client.get_metric_history(r.info.run_id, "train/loss")) >= 3  # 8 images / 2 per step
+        for name in ("system/images_per_s", "system/data_wait_share", "train/lr", "train/loss_mask"):
             assert name in r.data.metrics
         files = {f.path for f in client.list_artifacts(r.info.run_id)}
         assert {"config.yaml", "model", "predictions", "data_report"} <= files
-        assert r.data.metrics["train_images_skipped"] == 0 and "data_train_problems" in r.data.metrics
+        assert r.data.metrics["train/images_skipped"] == 0 and "data/train_problems" in r.data.metrics
         model_files = {f.path for f in client.list_artifacts(r.info.run_id, "model")}
         assert model_files == {"model/weights.pt", "model/model_config.json", "model/label_map.json"}
         assert client.get_model_version_by_alias("shapes-tiny", "candidate").run_id == first["run_id"]
@@ -74,7 +74,7 @@ def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
                           "run_name=tiny"))
         assert second["run_id"] == first["run_id"]
         assert second["metrics"]["epoch"] == 1 and second["metrics"]["step"] == 8
-        steps = [m.step for m in client.get_metric_history(first["run_id"], "loss")]
+        steps = [m.step for m in client.get_metric_history(first["run_id"], "train/loss")]
         assert steps == sorted(steps) and steps[-1] == 8 and len(steps) == len(set(steps))
 
         registered = load_model("models:/shapes-tiny@candidate", url)
@@ -146,5 +146,5 @@ def test_undecodable_training_image_is_skipped_counted_and_logged(ray_local, gap
     (root / "train/000003.jpg").write_bytes(b"not a jpeg at all")
     result = run(tiny(tmp_path / "out", root, "trainer.epochs=1", "run_name=corrupt"))
     client = MlflowClient(result["tracking_uri"])
-    assert client.get_run(result["run_id"]).data.metrics["train_images_skipped"] == 1
+    assert client.get_run(result["run_id"]).data.metrics["train/images_skipped"] == 1
     assert result["metrics"]["step"] == 4  # the 7 good images in batches of 2

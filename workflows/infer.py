@@ -445,8 +445,8 @@ def track(cfg: dict[str, Any], uri: str, version: str, s: Summary, outputs: dict
                                  + f"{time.time_ns() % 10**6:06d}", {"infer": cfg["infer"]},
                                  tags={"job": "infer", "output": cfg["infer"]["output"], "model_version": version})
     client = mlflow_client(uri)
-    log_metrics(client, run_id, {"images": s.images, "detections": s.detections, "errors": s.errors,
-                                 "images_per_s": s.images_per_s}, 0)
+    log_metrics(client, run_id, {"infer/images": s.images, "infer/detections": s.detections,
+                                 "infer/errors": s.errors, "system/images_per_s": s.images_per_s}, 0)
     for png in outputs.get("overlays", []):
         if not is_s3(png):
             client.log_artifact(run_id, png, "overlays")

@@ -82,7 +82,7 @@ def promote(client: MlflowClient, uri: str, name: str, cfg: dict[str, Any], metr
                                   "champion_version": champion.version if champion else None,
                                   "metric": metric, "split": split, "force": force, "data": cfg["data"]},
                                  tags={"decision": decision})
-    log_metrics(client, run_id, {f"{who}_{k}": v for who, m in scores.items() for k, v in m.items()}, 0)
+    log_metrics(client, run_id, {f"{who}/{k}": v for who, m in scores.items() for k, v in m.items()}, 0)
     client.set_terminated(run_id)
     client.set_model_version_tag(name, candidate.version, "promotion", decision)
     return {"decision": decision, "candidate": candidate.version,

@@ -3,14 +3,22 @@ from rank 0 only."""
 
 from __future__ import annotations
 
+import os
+import queue
+import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
+
+# Throughput and waiting: the UI's system/ section, beside MLflow's own system metrics.
+SYSTEM_METRICS = ("images_per_s", "data_wait_s", "data_wait_share", "step_s")
 
 
 def mlflow_client(uri: str) -> MlflowClient:
@@ -105,7 +113,99 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, cfg: dict[str,
     return run_id
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+def metric_key(name: str) -> str:
+    """The MLflow name of a metric: a section prefix, so the UI groups its charts as val/ (COCO
+    AP and AR), system/ (throughput, data wait) and train/ (losses, lr, progress). Names that
+    already hold a section (`data/...`, `infer/...`) are kept."""
+    if "/" in name:
+        return name
+    if name.startswith(("bbox_", "segm_")):
+        return f"val/{name}"
+    return f"system/{name}" if name in SYSTEM_METRICS else f"train/{name}"
+
+
+def metric_entities(metrics: dict[str, float], step: int) -> list[mlflow.entities.Metric]:
     ts = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), ts, step)
-                                      for k, v in metrics.items() if v == v])  # NaN skipped
+    return [mlflow.entities.Metric(metric_key(k), float(v), ts, step)
+            for k, v in metrics.items() if v == v]  # NaN skipped
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    client.log_batch(run_id, metrics=metric_entities(metrics, step))
+
+
+@dataclass
+class _Pending:
+    what: str  # for the report: "train/loss@step 40", "image predictions/epoch_001/3.png"
+    send: Any  # callable(client) -> None
+
+
+class RunLogger:
+    """Rank 0's MLflow writes, sent by a background thread so that a slow or absent server
+    never stalls a training step. A write that fails stays queued and is retried every
+    `retry_s`: a server that comes back gets the whole history, in order. `close` waits up to
+    its timeout and returns what could not be sent, so the job can say so."""
+
+    def __init__(self, uri: str, run_id: str, retry_s: float = 5.0):
+        # Fail a request fast and retry here instead: MLflow's client would back off for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.client, self.run_id, self.retry_s = mlflow_client(uri), run_id, retry_s
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._backlog: list[_Pending] = []  # touched by the thread only until it ends
+        self._deadline = float("inf")
+        self.failures, self.down = 0, False
+        self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        entities = metric_entities(metrics, step)
+        if entities:
+            names = ",".join(m.key for m in entities)
+            self._queue.put(_Pending(f"{names} @ step {step}",
+                                     lambda c: c.log_batch(self.run_id, metrics=entities)))
+
+    def log_image(self, image, artifact_file: str) -> None:
+        self._queue.put(_Pending(f"image {artifact_file}",
+                                 lambda c: c.log_image(self.run_id, image, artifact_file=artifact_file)))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._queue.put(_Pending(f"tag {key}", lambda c: c.set_tag(self.run_id, key, value)))
+
+    def _run(self) -> None:
+        stopping = False
+        while True:
+            try:  # wait for work; with a backlog, wake up to retry it
+                items = [self._queue.get(timeout=self.retry_s if self._backlog else None)]
+                while not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+            except queue.Empty:
+                items = []
+            stopping = stopping or None in items
+            self._backlog += [i for i in items if i is not None]
+            self._send_backlog()
+            if stopping and (not self._backlog or time.time() > self._deadline):
+                return
+
+    def _send_backlog(self) -> None:
+        while self._backlog:
+            try:
+                self._backlog[0].send(self.client)
+            except Exception as e:  # the server cannot be reached: keep it, retry later
+                self.failures += 1
+                if not self.down or self.failures % 20 == 0:
+                    sys.stderr.write(f"MLflow unreachable ({str(e).splitlines()[0][:200]}); training goes on, "
+                                     f"{len(self._backlog)} writes queued\n")
+                self.down = True
+                return
+            self._backlog.pop(0)
+        if self.down:
+            sys.stderr.write("MLflow reachable again: the queued writes are sent\n")
+            self.down = False
+
+    def close(self, timeout: float = 60.0) -> list[str]:
+        """Send what is queued, retrying for up to `timeout` s; returns what could not be sent."""
+        self._deadline = time.time() + timeout
+        self._queue.put(None)
+        self._thread.join(timeout + 30)
+        return [p.what for p in list(self._backlog)]

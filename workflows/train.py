@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 import ray
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -45,7 +46,7 @@ def log_data_report(client: MlflowClient, run_id: str, data: TrainingData) -> No
     """What the annotation files' validation skipped or fixed, as a run artifact and counts."""
     for split in (data.train, data.val):
         client.log_text(run_id, str(split.report) + "\n", f"data_report/{split.name}.txt")
-    counts = {f"data_{split.name}_problems": sum(split.report.counts.values()) for split in (data.train, data.val)}
+    counts = {f"data/{split.name}_problems": sum(split.report.counts.values()) for split in (data.train, data.val)}
     if not set(counts) <= set(client.get_run(run_id).data.metrics):  # once, not again on a resume
         log_metrics(client, run_id, counts, 0)
 
@@ -66,6 +67,19 @@ def finish_run(client: MlflowClient, run_id: str, result, registered_model: str 
     return out
 
 
+def report_unlogged(unlogged: list[str], run_id: str, folder: Path) -> None:
+    """Name the MLflow writes the workers could not send (the server was away until the end),
+    and keep the list beside the run's checkpoints."""
+    if not unlogged:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mlflow_unlogged.txt").write_text("\n".join(unlogged) + "\n")
+    print(f"WARNING: {len(unlogged)} MLflow writes of run {run_id} could not be sent (the server was "
+          f"unreachable); they are listed in {folder / 'mlflow_unlogged.txt'}, the first:")
+    for what in unlogged[:5]:
+        print(f"  {what}")
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train; returns {run_id, tracking_uri, checkpoint (path), version, metrics}."""
     cfg = prepare(cfg)
@@ -80,9 +94,18 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer = build_trainer(training_params(cfg), data, run_id, uri,
                             storage_path=str(Path(cfg["output_dir"]) / "ray_results"), name=cfg["run_name"])
     result = trainer.fit()
+    storage = Path(cfg["output_dir"]) / "ray_results" / cfg["run_name"]
+    report_unlogged((result.metrics or {}).get("mlflow_unlogged") or [], run_id, storage)
     client = mlflow_client(uri)
-    final = finish_run(client, run_id, result, cfg["tracking"]["registered_model"])
-    client.set_terminated(run_id)
+    try:
+        final = finish_run(client, run_id, result, cfg["tracking"]["registered_model"])
+        client.set_terminated(run_id)
+    except MlflowException as e:
+        checkpoint = f"{result.checkpoint.path}/checkpoint.pt" if result.checkpoint else "none"
+        raise ConnectionError(
+            f"training finished but MLflow at {uri} failed while logging the model ({str(e)[:300]}); the final "
+            f"checkpoint is {checkpoint} (`infer.model=` and `mrcnn-evaluate` take it as it is)"
+        ) from None
     print(f"MLflow run {run_id} (experiment {cfg['tracking']['experiment']!r}) at {uri}")
     print(f"open the MLflow UI: {ui_command(uri)}")
     if final["version"]:

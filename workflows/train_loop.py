@@ -18,7 +18,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from mlflow.tracking import MlflowClient
 
 from mrcnn import build_model
 from mrcnn.checkpoint import load_torchvision_weights, load_weights_file, save_checkpoint
@@ -27,7 +26,7 @@ from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_side_by_side
 from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
 from workflows.storage import read_bytes
-from workflows.tracking import log_metrics, mlflow_client
+from workflows.tracking import RunLogger, metric_key
 
 
 def say(line: str) -> None:
@@ -71,7 +70,7 @@ class Worker:
     scaler: torch.amp.GradScaler
     total_steps: int
     total_batch: int
-    client: MlflowClient | None  # rank 0 only
+    mlflow: RunLogger | None  # rank 0 only
     run_id: str
 
 
@@ -97,11 +96,11 @@ def setup(config: dict[str, Any]) -> Worker:
         total_steps = min(total_steps, trainer_cfg["max_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, opt_cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=trainer_cfg["amp"] and device.type == "cuda")
-    client = mlflow_client(config["tracking_uri"]) if rank == 0 else None
+    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if rank == 0:
         say(f"{world} worker(s), {torch.get_num_threads()} torch threads each")
     return Worker(cfg, CategoryMap.from_dict(config["label_map"]), rank, world, device, model, core, optimizer,
-                  scheduler, scaler, total_steps, total_batch, client, config["run_id"])
+                  scheduler, scaler, total_steps, total_batch, logger, config["run_id"])
 
 
 def resume(w: Worker) -> tuple[int, int]:
@@ -127,7 +126,7 @@ def record_worker_nodes(w: Worker) -> None:
     if w.world > 1:
         dist.all_gather_object(nodes, node)
     if w.rank == 0:
-        w.client.set_tag(w.run_id, "ray.worker_nodes", ",".join(nodes))
+        w.mlflow.set_tag("ray.worker_nodes", ",".join(nodes))
 
 
 def last_logged_step(w: Worker, key: str) -> int:
@@ -136,7 +135,7 @@ def last_logged_step(w: Worker, key: str) -> int:
     logged twice."""
     if w.rank != 0:
         return -1
-    return max((m.step for m in w.client.get_metric_history(w.run_id, key)), default=-1)
+    return max((m.step for m in w.mlflow.client.get_metric_history(w.run_id, metric_key(key))), default=-1)
 
 
 class StepLogger:
@@ -152,11 +151,12 @@ class StepLogger:
             return
         rate = (step - self.step0) / max(time.time() - self.t0, 1e-6)
         metrics = {k: v.item() for k, v in losses.items()}
-        metrics.update(loss=sum(metrics.values()), lr=self.w.optimizer.param_groups[0]["lr"],
-                       images_per_s=rate * self.w.total_batch, data_wait_s=stats.data_wait_s / stats.steps)
-        if step > self.logged_until:
-            log_metrics(self.w.client, self.w.run_id, metrics, step)
         wait_share = stats.data_wait_s / max(stats.data_wait_s + stats.compute_s, 1e-9)
+        metrics.update(loss=sum(metrics.values()), lr=self.w.optimizer.param_groups[0]["lr"],
+                       images_per_s=rate * self.w.total_batch, data_wait_share=wait_share,
+                       step_s=(stats.data_wait_s + stats.compute_s) / stats.steps)
+        if step > self.logged_until:
+            self.w.mlflow.log_metrics(metrics, step)
         eta = (self.w.total_steps - step) / max(rate, 1e-9)
         say(f"{time.strftime('%H:%M:%S')} epoch {self.epoch} step {step}/{self.w.total_steps} "
               f"loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s "
@@ -184,7 +184,7 @@ def evaluate(w: Worker, val_shard, config: dict[str, Any], epoch: int) -> dict[s
     say(f"epoch {epoch} eval on {len(set(preds.image_ids))} images: " +
           " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("_AP", "AP50"))))
     for image_id, image, target, p in preds.samples:
-        w.client.log_image(w.run_id, draw_side_by_side(image, target, p, w.labels.names),
+        w.mlflow.log_image(draw_side_by_side(image, target, p, w.labels.names),
                            artifact_file=f"predictions/epoch_{epoch:03d}/{image_id}.png")
     return metrics
 
@@ -236,12 +236,15 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics.update({f"epoch_{k}": v for k, v in stats.mean_losses().items()})
         skipped = images_skipped(w, stats.images, config["num_train_images"])
         if skipped is not None:
-            metrics["train_images_skipped"] = skipped
+            metrics["images_skipped"] = skipped
         last = epoch == trainer_cfg["epochs"] - 1 or bool(max_steps and step >= max_steps)
         if (epoch + 1) % trainer_cfg["eval_every_epochs"] == 0 or last:
             metrics.update(evaluate(w, val_shard, config, epoch))
         if w.rank == 0 and step > epochs_logged:
-            log_metrics(w.client, w.run_id, {k: v for k, v in metrics.items() if k not in ("epoch", "step")},
-                        step)
+            w.mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
+        if w.rank == 0 and last:
+            unsent = w.mlflow.close()
+            if unsent:  # the driver names them at the end of the job
+                metrics["mlflow_unlogged"] = unsent
         save_and_report(w, metrics, epoch, step,
                         save=(epoch + 1) % trainer_cfg["checkpoint_every_epochs"] == 0 or last)

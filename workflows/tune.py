@@ -298,8 +298,10 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
             client.log_artifact(parent, str(Path(tmp) / f"{metric}_vs_params.png"))
     version = None
     if best is not None:
-        log_metrics(client, parent, {key: best[key], "trials": len(rows),
-                                     "trials_stopped_early": sum(r["status"] == "stopped early" for r in rows)}, 0)
+        # Under the metric's own name: the parent sits on the same chart as its children.
+        log_metrics(client, parent, {metric: best[key], "sweep/trials": len(rows),
+                                     "sweep/trials_stopped_early": sum(r["status"] == "stopped early" for r in rows)},
+                    0)
         client.set_tag(parent, "best_trial", best["trial_id"])
         child = children.get(best["trial_id"])
         if child and not client.list_artifacts(child, ARTIFACT_PATH):
