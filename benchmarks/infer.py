@@ -12,11 +12,9 @@ of the driver plus every Ray process, and the machine's fp32 matrix-product rate
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from jobs import compose_job  # noqa: E402
+from memory import PeakMemory  # noqa: E402
 
 from mrcnn import build_model  # noqa: E402
 from mrcnn.checkpoint import save_checkpoint  # noqa: E402
@@ -44,35 +43,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
-
-
-class PeakMemory:
-    """Samples the summed RSS of this process and its descendants (Ray's processes included)."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _total(self) -> int:
-        me = psutil.Process()
-        total = me.memory_info().rss
-        for p in me.children(recursive=True):
-            with contextlib.suppress(psutil.Error):  # a process may end meanwhile
-                total += p.memory_info().rss
-        return total
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._total())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:

@@ -59,12 +59,15 @@ def mlflow_server(root: Path, port: int | None = None):
 @contextmanager
 def ray_head(num_cpus: int = 3):
     """`ray start --head` on 127.0.0.1 with the dashboard (job API); yields the dashboard URL."""
-    port, dash = free_port(), free_port()
+    port, dash, agent, agent_grpc, client_port = (free_port() for _ in range(5))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     started = subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", str(num_cpus),
+         # Ports of its own: a head of another test must never meet this one's agents.
+         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--ray-client-server-port", str(client_port),
          "--disable-usage-stats", "--temp-dir", tmp], env=env, capture_output=True, text=True)
     if started.returncode:
         raise RuntimeError(f"ray start failed:\n{started.stdout}\n{started.stderr}")
@@ -73,7 +76,8 @@ def ray_head(num_cpus: int = 3):
         wait_http(f"{url}/api/version", timeout=90)
         yield url
     finally:
-        kill_processes_mentioning(tmp)  # this head's processes only, not every Ray on the machine
+        # This head's processes only, not every Ray on the machine.
+        kill_processes_mentioning(tmp, f":{port}", f"={client_port}")
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -93,21 +97,24 @@ def kill_job(proc: subprocess.Popen, temp: str, timeout: float = 20) -> None:
             p.kill()
     proc.wait()
     psutil.wait_procs(tree, timeout=timeout)
-    kill_processes_mentioning(temp, timeout)
+    kill_processes_mentioning(temp, timeout=timeout)
 
 
-def kill_processes_mentioning(text: str, timeout: float = 20) -> int:
-    """SIGKILL every process whose command line mentions `text` (a test's own temp folder);
-    returns how many there were."""
+def kill_processes_mentioning(*texts: str, timeout: float = 20) -> int:
+    """SIGKILL every process whose command line mentions one of `texts` (a test's own temp
+    folder, its head's port), and their descendants: Ray's agents rename their command lines
+    (`ray::DashboardAgent`) and would hold their ports for the next test. Returns how many."""
     import psutil
 
     me = os.getpid()
-    victims = []
+    victims = {}
     for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.info["pid"] != me and any(text in part for part in (p.info["cmdline"] or [])):
-            victims.append(p)
-    for p in victims:
+        if p.info["pid"] != me and any(t in part for t in texts for part in (p.info["cmdline"] or [])):
+            victims[p.pid] = p
+            with contextlib.suppress(psutil.Error):
+                victims.update({c.pid: c for c in p.children(recursive=True)})
+    for p in victims.values():
         with contextlib.suppress(psutil.Error):
             p.kill()
-    psutil.wait_procs(victims, timeout=timeout)
+    psutil.wait_procs(list(victims.values()), timeout=timeout)
     return len(victims)

@@ -265,3 +265,28 @@ def test_two_node_cluster_runs_predictors_on_both_nodes(registered, store, tmp_p
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_two_thousand_images_on_two_actors_flat_memory_one_row_each(ray_local, registered, tmp_path):
+    """The load the benchmark measures, as a test: 2,000 files, two predictor actors. Memory of
+    the driver and every Ray process in the second half of the run stays within 15 % of the first
+    half's peak (actors and model loads included there): nothing grows with the images done."""
+    from memory import PeakMemory
+
+    from mrcnn.data.shapes import write_shapes_dataset
+
+    root = write_shapes_dataset(tmp_path / "big", train=1, val=2000, size=64, seed=5) / "val"
+    out = tmp_path / "rows"
+    cfg = job(tmp_path, str(root), str(out), registered, "infer.overlays=0", "infer.concurrency=2",
+              "infer.torch_threads=1", "infer.decode_concurrency=2", "infer.batch_size=8",
+              "infer.rows_per_file=100")
+    with PeakMemory(interval=0.5) as mem:
+        result = infer.run(cfg)
+    assert result["summary"].images == 2000 and result["summary"].errors == 0
+    paths = pq.read_table(out, columns=["path"]).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 2000
+    start, end = mem.samples[0][0], mem.samples[-1][0]
+    early = max(rss for t, rss in mem.samples if t < (start + end) / 2)
+    late = max(rss for t, rss in mem.samples if t >= (start + end) / 2)
+    assert late <= 1.15 * early, f"peak RSS {early / 2**30:.2f} GiB in the first half, {late / 2**30:.2f} GiB after"

@@ -21,10 +21,28 @@ from mlflow.tracking import MlflowClient
 SYSTEM_METRICS = ("images_per_s", "data_wait_s", "data_wait_share", "step_s")
 
 
+_READY_STORES: set[str] = set()
+
+
 def mlflow_client(uri: str) -> MlflowClient:
     """A client whose registry is the tracking server too (never a registry URI left in the
     environment by an earlier `mlflow.set_registry_uri`)."""
+    if uri.startswith("sqlite:///") and uri not in _READY_STORES:
+        _create_sqlite_store(uri)
     return MlflowClient(uri, registry_uri=uri)
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Two jobs starting at once on a new SQLite store would both run its schema migrations, and
+    one fails: the store is created under a file lock beside it, the other job waits."""
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(uri).search_experiments(max_results=1)
+    _READY_STORES.add(uri)
 
 
 def check_tracking_server(uri: str, timeout: float = 10) -> None:
@@ -84,8 +102,14 @@ def experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
         if uri.startswith("sqlite:///"):
             location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         # The UI opens an experiment of this kind in its model-training view, not the GenAI one.
-        exp_id = client.create_experiment(experiment, artifact_location=location,
-                                          tags={"mlflow.experimentKind": "custom_model_development"})
+        try:
+            exp_id = client.create_experiment(experiment, artifact_location=location,
+                                              tags={"mlflow.experimentKind": "custom_model_development"})
+        except mlflow.exceptions.MlflowException:  # another job created it meanwhile
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
     return exp_id
 
 

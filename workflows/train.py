@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     data = load_training_data(cfg)
     init_ray(cfg["ray_address"])
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg["run_name"] = cfg["run_name"] or time.strftime("mrcnn-%Y%m%d-%H%M%S")
-    run_id = start_or_resume_run(uri, cfg["tracking"]["experiment"], cfg["run_name"], training_params(cfg))
+    # A fresh name per job: two jobs started in the same second must not share (and resume) one run.
+    cfg["run_name"] = cfg["run_name"] or time.strftime("mrcnn-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    run_id = start_or_resume_run(uri, cfg["tracking"]["experiment"], cfg["run_name"], training_params(cfg),
+                                 tags={"job": "train"})
     log_data_report(mlflow_client(uri), run_id, data)
     trainer = build_trainer(training_params(cfg), data, run_id, uri,
                             storage_path=str(Path(cfg["output_dir"]) / "ray_results"), name=cfg["run_name"])

@@ -143,8 +143,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: TrainingData, 
     uri = sweep["tracking_uri"]
     run_id = start_or_resume_run(
         uri, cfg["tracking"]["experiment"], f"{sweep['name']}-{trial_id}", cfg,
-        tags={"mlflow.parentRunId": sweep["parent_run_id"], "sweep": sweep["name"], "trial_id": trial_id,
-              **{f"sweep.{k}": str(v) for k, v in params.items()}})
+        tags={"mlflow.parentRunId": sweep["parent_run_id"], "sweep": sweep["name"], "job": "train",
+              "trial_id": trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()}})
     # Nested under the sweep's folder with the trial's stable id: a resumed sweep resumes this
     # Train run, and another sweep never does.
     trainer = build_trainer(cfg, data, run_id, uri, storage_path=sweep["trials_dir"], name=trial_id,
@@ -243,7 +243,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     init_ray(cfg["ray_address"], dashboard=True)  # the State API frees placement groups of stopped trials
     ray.data.DataContext.get_current().enable_progress_bars = False
     parent = start_or_resume_run(uri, cfg["tracking"]["experiment"], name,
-                                 {"sweep": {**sweep_cfg, "name": name}, **base}, tags={"sweep": name})
+                                 {"sweep": {**sweep_cfg, "name": name}, **base}, tags={"sweep": name, "job": "sweep"})
     sweeps_dir = Path(cfg["output_dir"]) / "sweeps"
     sweep_info = {"name": name, "parent_run_id": parent, "tracking_uri": uri, "max_epochs": max_epochs,
                   "trials_dir": str(sweeps_dir / name / "trials")}
