@@ -108,7 +108,7 @@ def test_folder_store_every_file_one_row(ray_local, registered, store, gapped_sh
     run = mlflow_client(registered["uri"]).get_run(result["run_id"])
     assert run.data.metrics["infer/errors"] == 4 and run.data.metrics["infer/images"] == len(expect)
     assert len([a for a in mlflow_client(registered["uri"]).list_artifacts(result["run_id"], "overlays")]) == 3
-    results = json.loads((out / "coco_results.json").read_text())
+    results = json.loads((out / "_coco_results.json").read_text())
     assert results and {r["image_id"] for r in results} <= {1, 2, 3, 4}
     from pycocotools.cocoeval import COCOeval
 
@@ -120,7 +120,7 @@ def test_folder_store_every_file_one_row(ray_local, registered, store, gapped_sh
     ev.accumulate()
     ev.summarize()
     assert 0 <= ev.stats[0] <= 1
-    overlays = sorted((out / "overlays").iterdir())
+    overlays = sorted((out / "_overlays").iterdir())
     assert [p.name for p in overlays] == ["000000.jpg.png", "000001.jpg.png", "000002.jpg.png"]
 
     # Rerun after completion: nothing new is written.
@@ -150,7 +150,7 @@ def test_same_store_on_s3_and_from_a_manifest(ray_local, registered, store, tmp_
                                secret_key="testing", region="us-east-1")
         got = {r["path"][len("s3://images/store/"):]: r
                for f in result["files"] for r in pq.read_table(f, filesystem=fs).to_pylist()}
-        assert result["overlays"] and result["overlays"][0].startswith("s3://images/rows/overlays/")
+        assert result["overlays"] and result["overlays"][0].startswith("s3://images/rows/_overlays/")
     assert set(got) == set(want) == set(expect)
     for k, row in want.items():
         a, b = dict(got[k]), dict(row)

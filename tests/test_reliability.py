@@ -67,6 +67,38 @@ def test_unwritable_output_dir_fails_before_training(gapped_shapes, tmp_path):
     assert not ray.is_initialized()
 
 
+def test_a_missing_dataset_is_named_before_ray(tmp_path):
+    import ray
+
+    ray.shutdown()
+    with pytest.raises(FileNotFoundError, match=r"data.train_annotations: .*/nowhere/annotations/"
+                                                r"instances_train.json does not exist \(data.root="):
+        run(tiny(tmp_path / "out", tmp_path / "nowhere"))
+    assert not ray.is_initialized()
+
+
+def test_annotations_with_nothing_usable_stop_before_training(gapped_shapes, tmp_path):
+    """Every annotation broken (degenerate polygon, zero-area box, unknown category): the job stops
+    before Ray with the report naming what and where."""
+    import json
+    import shutil
+
+    import ray
+
+    ray.shutdown()
+    root = tmp_path / "data"
+    shutil.copytree(gapped_shapes, root)
+    path = root / "annotations/instances_train.json"
+    coco = json.loads(path.read_text())
+    for i, a in enumerate(coco["annotations"]):
+        a.update([({"segmentation": [[1, 1, 2, 2]]}), ({"bbox": [1, 1, 0, 0]}), ({"category_id": 999})][i % 3])
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r"(?s)data.train_annotations: .*instances_train.json has no usable "
+                                         r"annotation.*degenerate polygon.*unknown category id"):
+        run(tiny(tmp_path / "out", root))
+    assert not ray.is_initialized()
+
+
 @pytest.mark.parametrize("data,message", [
     (b"", "empty"),
     (b"GIF89a but not really", "not an image format"),

@@ -137,6 +137,56 @@ def test_recovers_from_a_killed_worker(ray_local, gapped_shapes, tmp_path):
     client = MlflowClient(result["tracking_uri"])
     exp = client.get_experiment_by_name("maskrcnn")
     assert len(client.search_runs([exp.experiment_id], filter_string="tags.ray_run_name = 'kill'")) == 1
+    # The steps redone after the restart are in the history once; none is missing.
+    steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "train/loss"))
+    assert steps == list(range(1, result["metrics"]["step"] + 1))
+
+
+@pytest.mark.slow
+def test_killed_driver_reruns_into_the_same_run_from_its_checkpoint(gapped_shapes, tmp_path):
+    """SIGKILL the driver of `mrcnn-train` (and every Ray process it started) after its first
+    checkpoint; the same command resumes from that checkpoint into the same MLflow run."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import ray
+    from servers import kill_job, kill_processes_mentioning
+
+    ray.shutdown()
+    repo = Path(__file__).resolve().parents[1]
+    db = tmp_path / "mlflow.db"
+    args = [sys.executable, "-m", "workflows.train", f"output_dir={tmp_path / 'out'}", f"data.root={gapped_shapes}",
+            "data.generate=null", "model.transform.min_size=[64]", "model.transform.max_size=64",
+            "trainer.batch_size=2", "trainer.epochs=3", "trainer.log_every_steps=1",
+            f"tracking.tracking_uri=sqlite:///{db}", "run_name=crash"]
+    temp = Path(f"/tmp/rk{os.getpid()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    env.update(RAY_TMPDIR=str(temp))
+    runs = tmp_path / "out" / "ray_results" / "crash"
+    proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list(runs.glob("checkpoint_*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        kill_job(proc, str(temp))
+        assert len([d for d in runs.glob("checkpoint_*") if d.is_dir()]) < 3, "killed after the last epoch"
+        again = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        kill_processes_mentioning(str(temp))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from epoch" in again.stdout
+    client = MlflowClient(f"sqlite:///{db}")
+    found = client.search_runs([client.get_experiment_by_name("maskrcnn").experiment_id],
+                               filter_string="tags.ray_run_name = 'crash'")
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(found[0].info.run_id, "train/loss"))
+    assert steps == list(range(1, steps[-1] + 1)) and len(steps) >= 3
+    assert len(client.get_metric_history(found[0].info.run_id, "train/epochs_completed")) == 3
 
 
 @pytest.mark.slow

@@ -429,11 +429,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     summary = summarize(new, fs, seconds)
     outputs: dict[str, Any] = {"output": infer["output"], "files": files}
     if infer["coco_annotations"]:
-        target = posixpath.join(infer["output"], "coco_results.json")
+        # Side outputs start with "_": readers of the folder as a Parquet dataset (pandas,
+        # pyarrow, Spark) skip them.
+        target = posixpath.join(infer["output"], "_coco_results.json")
         outputs["coco_results"] = target
         outputs["coco_detections"] = write_coco_results(infer, files, fs, s3, target)
     if infer["overlays"]:
-        outputs["overlays"] = write_overlays(infer, files, fs, s3, posixpath.join(infer["output"], "overlays"))
+        outputs["overlays"] = write_overlays(infer, files, fs, s3, posixpath.join(infer["output"], "_overlays"))
     run_id = track(cfg, uri, version, summary, outputs)
     print_summary(summary, outputs, run_id, uri)
     return {"summary": summary, "run_id": run_id, "tracking_uri": uri, "model_uri": model_uri, **outputs}
@@ -464,7 +466,7 @@ def print_summary(s: Summary, outputs: dict[str, Any], run_id: str, uri: str) ->
         print(f"COCO results: {outputs['coco_results']} ({outputs['coco_detections']} detections)")
     if outputs.get("overlays"):
         print(f"overlays: {posixpath.dirname(outputs['overlays'][0])}")
-    print(f"MLflow run {run_id} at {uri}; open the UI: {ui_command(uri)}")
+    print(f"MLflow run {run_id} at {uri}; open the UI: {ui_command(uri, run_id)}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

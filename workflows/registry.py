@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.evaluate import evaluate_model
 from workflows.model_io import load_model, register_model
-from workflows.tracking import log_metrics, mlflow_client, resolve_tracking_uri, start_or_resume_run
+from workflows.tracking import log_metrics, metric_key, mlflow_client, resolve_tracking_uri, start_or_resume_run
 from workflows.trainer import prepare
 
 register_configs()
@@ -52,7 +52,8 @@ def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
     for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
         metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
         rows.append({"version": str(mv.version), "aliases": ",".join(sorted(by_version.get(str(mv.version), []))),
-                     "run_id": mv.run_id, "segm_AP": metrics.get("segm_AP"), "bbox_AP": metrics.get("bbox_AP")})
+                     "run_id": mv.run_id, "segm_AP": metrics.get(metric_key("segm_AP")),
+                     "bbox_AP": metrics.get(metric_key("bbox_AP"))})
     return rows
 
 

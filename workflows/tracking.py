@@ -65,9 +65,18 @@ def check_tracking_server(uri: str, timeout: float = 10) -> None:
                               "(mlflow server --host 127.0.0.1 --port 5000) or fix the URI") from None
 
 
-def ui_command(uri: str) -> str:
-    """How to open the MLflow UI on this tracking store."""
-    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
+def ui_command(uri: str, run_id: str | None = None) -> str:
+    """How to open the MLflow UI on this tracking store, at `run_id`'s page. The link names the
+    model-training view: MLflow 3's UI opens every experiment in its GenAI view otherwise."""
+    base = "http://127.0.0.1:5000" if uri.startswith("sqlite") else uri.rstrip("/")
+    page = base
+    if run_id:
+        try:
+            exp = mlflow_client(uri).get_run(run_id).info.experiment_id
+            page = f"{base}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+        except mlflow.exceptions.MlflowException:
+            pass
+    return f"mlflow ui --backend-store-uri {uri}, then {page}" if uri.startswith("sqlite") else page
 
 
 def resolve_tracking_uri(tracking: dict[str, Any], output_dir: str) -> str:

@@ -110,7 +110,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             f"checkpoint is {checkpoint} (`infer.model=` and `mrcnn-evaluate` take it as it is)"
         ) from None
     print(f"MLflow run {run_id} (experiment {cfg['tracking']['experiment']!r}) at {uri}")
-    print(f"open the MLflow UI: {ui_command(uri)}")
+    print(f"open the MLflow UI: {ui_command(uri, run_id)}")
     if final["version"]:
         print(f"registered {cfg['tracking']['registered_model']} version {final['version']} (alias candidate)")
     if final["checkpoint"]:

@@ -67,6 +67,10 @@ def load_training_data(cfg: dict[str, Any]) -> TrainingData:
     `model.num_classes` from the training set's categories (0 = follow the data)."""
     ensure_shapes(cfg["data"])
     train = load_split(cfg["data"], "train")
+    usable = sum(1 for r in train.records for a in r["annotations"] if not a.get("iscrowd"))
+    if not usable:
+        raise ValueError(f"data.train_annotations: {train.report.source} has no usable annotation, nothing to "
+                         f"train on:\n{train.report}")
     val = load_split(cfg["data"], "val", categories=train.categories)
     cats = train.categories
     if cfg["model"]["num_classes"] == 0:

@@ -328,7 +328,7 @@ def print_summary(rows, key, best, name, parent, uri, version, cfg, space) -> No
     else:
         print("no trial reported the metric with a checkpoint: nothing registered; see the trials' logs")
     print(f"MLflow parent run {parent} at {uri}")
-    print(f"compare the trials in the MLflow UI: {ui_command(uri)}")
+    print(f"compare the trials in the MLflow UI: {ui_command(uri, parent)}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
