@@ -23,6 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import matmul_gflops  # noqa: E402
 from jobs import compose_job  # noqa: E402
 from memory import PeakMemory  # noqa: E402
 
@@ -32,17 +34,6 @@ from mrcnn.data.images import decode_image  # noqa: E402
 from mrcnn.data.shapes import write_shapes_dataset  # noqa: E402
 from workflows import infer  # noqa: E402
 from workflows.engine import predict_images, set_detection_limits  # noqa: E402
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def main() -> None:

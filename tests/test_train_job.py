@@ -179,7 +179,7 @@ def test_killed_driver_reruns_into_the_same_run_from_its_checkpoint(gapped_shape
     finally:
         kill_processes_mentioning(str(temp))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resumed from epoch" in again.stdout
+    assert "resumed from epoch" in again.stdout + again.stderr
     client = MlflowClient(f"sqlite:///{db}")
     found = client.search_runs([client.get_experiment_by_name("maskrcnn").experiment_id],
                                filter_string="tags.ray_run_name = 'crash'")
