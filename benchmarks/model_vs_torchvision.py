@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import matmul_gflops  # noqa: E402
 from oracle import make_pair  # noqa: E402
 
 CASES = {
@@ -93,14 +95,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/model_vs_torchvision.json")
     args = parser.parse_args()
+    gflops = matmul_gflops()
     results = run(args.repeats)
+    print(f"machine: fp32 matmul {gflops:.0f} GFLOP/s, torch threads {torch.get_num_threads()}")
     print(f"{'case':44s} {'torchvision s':>14s} {'ours s':>10s} {'speedup':>8s}")
     for k, r in results.items():
         print(f"{k:44s} {r['torchvision_s']:14.3f} {r['ours_s']:10.3f} {r['speedup']:8.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": "cpu", "repeats": args.repeats}
+            "device": "cpu", "repeats": args.repeats, "matmul_gflops": gflops}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {out}")
 

@@ -64,7 +64,7 @@ def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
             assert name in r.data.metrics
         files = {f.path for f in client.list_artifacts(r.info.run_id)}
         assert {"config.yaml", "model", "predictions", "data_report"} <= files
-        assert r.data.metrics["train/images_skipped"] == 0 and "data/train_problems" in r.data.metrics
+        assert r.data.metrics["train/images_skipped"] == 0 and r.data.tags["data.train_problems"] == "0"
         model_files = {f.path for f in client.list_artifacts(r.info.run_id, "model")}
         assert model_files == {"model/weights.pt", "model/model_config.json", "model/label_map.json"}
         assert client.get_model_version_by_alias("shapes-tiny", "candidate").run_id == first["run_id"]

@@ -19,7 +19,13 @@ from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.data import ensure_shapes, image_dataset, load_split
 from workflows.engine import predict_to_coco
 from workflows.model_io import LoadedModel, load_model
-from workflows.tracking import log_metrics, mlflow_client, resolve_tracking_uri, start_or_resume_run
+from workflows.tracking import (
+    log_metrics,
+    mlflow_client,
+    resolve_tracking_uri,
+    start_or_resume_run,
+    ui_command,
+)
 
 register_configs()
 
@@ -48,6 +54,7 @@ def evaluate(cfg: dict[str, Any], weights: str, split: str = "val") -> dict[str,
                                  {"weights": weights, "split": split, "data": cfg["data"]})
     log_metrics(client, run_id, metrics, 0)
     client.set_terminated(run_id)
+    print(f"MLflow run {run_id} at {uri}; open the UI: {ui_command(uri, run_id)}")
     return metrics
 
 

@@ -149,7 +149,7 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, cfg: dict[str,
 def metric_key(name: str) -> str:
     """The MLflow name of a metric: a section prefix, so the UI groups its charts as val/ (COCO
     AP and AR), system/ (throughput, data wait) and train/ (losses, lr, progress). Names that
-    already hold a section (`data/...`, `infer/...`) are kept."""
+    already hold a section (`infer/...`, `sweep/...`) are kept."""
     if "/" in name:
         return name
     if name.startswith(("bbox_", "segm_")):

@@ -24,7 +24,6 @@ from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.model_io import log_model, register_model
 from workflows.tracking import (
     check_tracking_server,
-    log_metrics,
     mlflow_client,
     resolve_tracking_uri,
     start_or_resume_run,
@@ -44,12 +43,12 @@ def training_params(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def log_data_report(client: MlflowClient, run_id: str, data: TrainingData) -> None:
-    """What the annotation files' validation skipped or fixed, as a run artifact and counts."""
+    """What the annotation files' validation skipped or fixed, as a run artifact and counts
+    (tags `data.train_problems`, `data.val_problems`)."""
     for split in (data.train, data.val):
         client.log_text(run_id, str(split.report) + "\n", f"data_report/{split.name}.txt")
-    counts = {f"data/{split.name}_problems": sum(split.report.counts.values()) for split in (data.train, data.val)}
-    if not set(counts) <= set(client.get_run(run_id).data.metrics):  # once, not again on a resume
-        log_metrics(client, run_id, counts, 0)
+    for split in (data.train, data.val):  # tags, not metrics: one number each, no chart to draw
+        client.set_tag(run_id, f"data.{split.name}_problems", str(sum(split.report.counts.values())))
 
 
 def finish_run(client: MlflowClient, run_id: str, result, registered_model: str | None,

@@ -138,6 +138,11 @@ def last_logged_step(w: Worker, key: str) -> int:
     return max((m.step for m in w.mlflow.client.get_metric_history(w.run_id, metric_key(key))), default=-1)
 
 
+# The losses by short names in the step line: RPN objectness and box, classifier, box, mask.
+SHORT = {"loss_objectness": "obj", "loss_rpn_box_reg": "rpn", "loss_classifier": "cls", "loss_box_reg": "box",
+         "loss_mask": "mask"}
+
+
 class StepLogger:
     """Rank 0: losses, lr, throughput and data wait every `log_every_steps` to MLflow and stdout."""
 
@@ -158,9 +163,10 @@ class StepLogger:
         if step > self.logged_until:
             self.w.mlflow.log_metrics(metrics, step)
         eta = (self.w.total_steps - step) / max(rate, 1e-9)
+        parts = " ".join(f"{SHORT[k]} {metrics[k]:.3f}" for k in SHORT)
         say(f"{time.strftime('%H:%M:%S')} epoch {self.epoch} step {step}/{self.w.total_steps} "
-              f"loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s "
-              f"data wait {100 * wait_share:.0f}% ETA {eta / 60:.1f} min")
+            f"loss {metrics['loss']:.3f} ({parts}) lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s "
+            f"data wait {100 * wait_share:.0f}% ETA {eta / 60:.1f} min")
 
 
 def evaluate(w: Worker, val_shard, config: dict[str, Any], epoch: int) -> dict[str, float]:

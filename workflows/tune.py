@@ -240,7 +240,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     name = sweep_cfg["name"] or time.strftime("sweep-%Y%m%d-%H%M%S")
     uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
     check_tracking_server(uri)
-    init_ray(cfg["ray_address"], dashboard=True)  # the State API frees placement groups of stopped trials
+    init_ray(cfg["ray_address"])  # with the State API: it frees placement groups of stopped trials
     ray.data.DataContext.get_current().enable_progress_bars = False
     parent = start_or_resume_run(uri, cfg["tracking"]["experiment"], name,
                                  {"sweep": {**sweep_cfg, "name": name}, **base}, tags={"sweep": name, "job": "sweep"})
