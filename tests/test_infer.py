@@ -268,14 +268,33 @@ def test_two_node_cluster_runs_predictors_on_both_nodes(registered, store, tmp_p
 
 
 @pytest.mark.slow
-def test_two_thousand_images_on_two_actors_flat_memory_one_row_each(ray_local, registered, tmp_path):
+def test_predictors_that_would_leave_no_cpu_for_decoding_are_refused(registered, store, tmp_path):
+    """On this machine, predictors holding every CPU would starve the decode tasks: the job
+    would wait forever. It stops with the keys to change instead."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = job(tmp_path, str(store[0]), str(tmp_path / "rows"), registered, "infer.concurrency=2")
+        with pytest.raises(ValueError, match=r"infer.concurrency=2 x infer.cpus_per_actor=1 = 2 CPUs .* this "
+                                             r"machine's 2 CPUs"):
+            infer.run(cfg)
+    finally:
+        ray.shutdown()
+
+
+def test_two_thousand_images_on_two_actors_flat_memory_one_row_each(registered, tmp_path):
     """The load the benchmark measures, as a test: 2,000 files, two predictor actors. Memory of
     the driver and every Ray process in the second half of the run stays within 15 % of the first
     half's peak (actors and model loads included there): nothing grows with the images done."""
+    import ray
     from memory import PeakMemory
 
     from mrcnn.data.shapes import write_shapes_dataset
 
+    ray.shutdown()  # a fresh instance: 2 one-CPU actors + decode and write tasks
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     root = write_shapes_dataset(tmp_path / "big", train=1, val=2000, size=64, seed=5) / "val"
     out = tmp_path / "rows"
     cfg = job(tmp_path, str(root), str(out), registered, "infer.overlays=0", "infer.concurrency=2",
@@ -290,3 +309,4 @@ def test_two_thousand_images_on_two_actors_flat_memory_one_row_each(ray_local, r
     early = max(rss for t, rss in mem.samples if t < (start + end) / 2)
     late = max(rss for t, rss in mem.samples if t >= (start + end) / 2)
     assert late <= 1.15 * early, f"peak RSS {early / 2**30:.2f} GiB in the first half, {late / 2**30:.2f} GiB after"
+    ray.shutdown()

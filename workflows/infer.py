@@ -389,6 +389,16 @@ def write_rows(ds: ray.data.Dataset, infer: dict[str, Any], s3: dict[str, Any], 
                      ray_remote_args={"num_cpus": 0.25})
 
 
+def check_capacity(infer: dict[str, Any], cpus: float) -> None:
+    """The predictor actors hold their CPUs for the whole job: they must leave half a CPU for a
+    decode task and a quarter for a write task, or the job waits forever."""
+    held = infer["concurrency"] * infer["cpus_per_actor"]
+    if held + 0.75 > cpus:
+        raise ValueError(f"infer.concurrency={infer['concurrency']} x infer.cpus_per_actor={infer['cpus_per_actor']:g} "
+                         f"= {held:g} CPUs for the predictors leaves too little of this machine's {cpus:g} CPUs for "
+                         "decoding and writing (0.75): lower infer.concurrency or infer.cpus_per_actor")
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     infer, s3 = cfg["infer"], cfg["data"]["s3"]
     for key in ("input", "output"):
@@ -412,6 +422,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     if not ray.is_initialized():
         ray.init(address=cfg["ray_address"])
+    if cfg["ray_address"] is None:  # a cluster may add nodes; this machine will not
+        check_capacity(infer, ray.cluster_resources().get("CPU", 0))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     done = prepare_output(infer["output"], s3, infer["retry_errors"])
