@@ -201,8 +201,9 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(gapped_sh
         deadline = time.time() + 400
         # The first trial finished (2 epochs) and the second has a checkpoint: kill midway.
         while time.time() < deadline and proc.poll() is None:
-            done = [d for d in trials.glob("*") if len(list(d.glob("checkpoint_*"))) >= 2]
-            started = [d for d in trials.glob("*") if d not in done and list(d.glob("checkpoint_*"))]
+            dirs = {d: [c for c in d.glob("checkpoint_*") if c.is_dir()] for d in trials.glob("*")}
+            done = [d for d, cs in dirs.items() if len(cs) >= 2]
+            started = [d for d, cs in dirs.items() if d not in done and cs]
             if done and started:
                 break
             time.sleep(0.5)
