@@ -17,12 +17,11 @@ def resize_boxes(boxes: Tensor, new_size: tuple[int, int], old_size: tuple[int, 
     return boxes * torch.stack([rw, rh, rw, rh]).to(boxes)
 
 
-def _axis_weights(lo: Tensor, hi: Tensor, m: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Bilinear resampling of a length-`m` axis onto the integer span [lo, hi] of an image axis.
-
-    lo, hi: int64[N]. Returns i0, i1 int64[N, length] source indices and w0, w1 float[N, length]
-    weights, zero outside the span; the arithmetic is `F.interpolate(bilinear,
-    align_corners=False)` to `hi - lo + 1` pixels, the rule torchvision pastes with.
+def _axis_matrix(lo: Tensor, hi: Tensor, m: int, length: int) -> Tensor:
+    """Bilinear resampling of a length-`m` axis onto the integer span [lo, hi] of an image axis,
+    as a matrix: lo, hi int64[N] -> float[N, length, m], two non-zeros a row inside the span and
+    none outside. The arithmetic is `F.interpolate(bilinear, align_corners=False)` to
+    `hi - lo + 1` pixels, the rule torchvision pastes with.
     """
     span = (hi - lo + 1).clamp(min=1)
     pos = torch.arange(length, device=lo.device)[None, :] - lo[:, None]  # [N, length]
@@ -32,7 +31,10 @@ def _axis_weights(lo: Tensor, hi: Tensor, m: int, length: int) -> tuple[Tensor, 
     i1 = (i0 + 1).clamp(max=m - 1)
     w1 = src - i0
     inside = ((pos >= 0) & (pos < span[:, None])).to(src.dtype)
-    return i0, i1, (1 - w1) * inside, w1 * inside
+    mat = torch.zeros((lo.shape[0], length, m), device=lo.device)
+    mat.scatter_add_(2, i0[..., None], ((1 - w1) * inside)[..., None])
+    mat.scatter_add_(2, i1[..., None], (w1 * inside)[..., None])
+    return mat
 
 
 def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int],
@@ -43,12 +45,13 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int],
     image_size: (H, W). Returns bool[N, H, W] (probability > threshold).
 
     Like torchvision: the M x M mask is padded by one zero pixel and the box enlarged to match,
-    then rounded to whole pixels; bilinear resampling is separable, so rows and columns are
-    gathered from two small index tables instead of one interpolate per mask.
+    then rounded to whole pixels. Bilinear resampling is separable, so each mask is resampled by
+    two small matrix products, rows [H, M+2] @ mask [M+2, M+2] @ columns [M+2, W], batched over
+    the detections, instead of one interpolate per mask.
     """
     n, m = mask_probs.shape[0], mask_probs.shape[-1]
     h, w = image_size
-    out = torch.zeros((n, h, w), dtype=torch.bool, device=mask_probs.device)
+    out = torch.empty((n, h, w), dtype=torch.bool, device=mask_probs.device)
     if n == 0:
         return out
     padded = F.pad(mask_probs.float(), (1, 1, 1, 1))  # [N, M+2, M+2]
@@ -57,17 +60,11 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int],
     half = (boxes[:, 2:] - boxes[:, :2]) * 0.5 * scale
     centre = (boxes[:, 2:] + boxes[:, :2]) * 0.5
     ib = torch.cat([centre - half, centre + half], dim=1).to(torch.int64)  # truncation, as torch
-    chunk = max(1, _PASTE_BYTES // max(1, 4 * h * w * 2))
+    chunk = max(1, _PASTE_BYTES // max(1, 4 * h * w))
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        p, b = padded[s:e], ib[s:e]
-        x0, x1, wx0, wx1 = _axis_weights(b[:, 0], b[:, 2], mp, w)
-        y0, y1, wy0, wy1 = _axis_weights(b[:, 1], b[:, 3], mp, h)
-        # Columns: [n, mp, mp] -> [n, mp, W]
-        cols = (p.gather(2, x0[:, None, :].expand(-1, mp, -1)) * wx0[:, None, :]
-                + p.gather(2, x1[:, None, :].expand(-1, mp, -1)) * wx1[:, None, :])
-        # Rows: [n, mp, W] -> [n, H, W]
-        full = (cols.gather(1, y0[:, :, None].expand(-1, -1, w)) * wy0[:, :, None]
-                + cols.gather(1, y1[:, :, None].expand(-1, -1, w)) * wy1[:, :, None])
-        out[s:e] = full > threshold
+        b = ib[s:e]
+        cols = torch.bmm(padded[s:e], _axis_matrix(b[:, 0], b[:, 2], mp, w).transpose(1, 2))  # [n, mp, W]
+        rows = _axis_matrix(b[:, 1], b[:, 3], mp, h)  # [n, H, mp]
+        torch.gt(torch.bmm(rows, cols), threshold, out=out[s:e])
     return out

@@ -80,7 +80,10 @@ class MultiScaleRoIAlign(_TVMultiScaleRoIAlign):
                                                          self.canonical_level)
         rois = _convert_to_roi_format(boxes)
         levels = self.map_levels(boxes)
-        result = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size))
+        # Every RoI maps to one level, so every row is written. Channels-last, as the kernel
+        # produces it and as the mask head's convolutions run fastest.
+        result = torch.empty((rois.shape[0], feats[0].shape[1], *self.output_size), dtype=feats[0].dtype,
+                             device=feats[0].device, memory_format=torch.channels_last)
         for level, (feat, scale) in enumerate(zip(feats, self.scales)):
             idx = torch.where(levels == level)[0]
             if idx.numel():

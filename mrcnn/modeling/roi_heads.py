@@ -73,7 +73,7 @@ class MaskPredictor(nn.Module):
         _kaiming(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mask_fcn_logits(F.relu(self.conv5_mask(x)))
+        return self.mask_fcn_logits(F.relu(self.conv5_mask(x), inplace=True))
 
 
 class RoIHeads(nn.Module):
