@@ -141,3 +141,32 @@ def test_paste_masks_equals_torchvision_paste():
     assert ours.shape == (40, 64, 100)
     assert torch.equal(ours, theirs)
     assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (5, 5)).shape == (0, 5, 5)
+
+
+def test_sparse_roi_align_equals_torchvision_forward_and_backward():
+    from torchvision.ops import MultiScaleRoIAlign as TVMultiScaleRoIAlign
+
+    from mrcnn.modeling.roi_align import MultiScaleRoIAlign
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [(2, 64, 48), (2, 32, 24), (2, 16, 12), (2, 8, 6)]  # strides 4..32 of a 256x192 batch
+    feats = {str(i): torch.randn(b, 8, h, w, generator=g, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_() for i, (b, h, w) in enumerate(sizes)}
+    boxes = []
+    for _ in range(2):  # small to large boxes (every level), some past the border
+        xy = torch.rand(60, 2, generator=g, dtype=torch.float64) * torch.tensor([200.0, 250])
+        wh = torch.rand(60, 2, generator=g, dtype=torch.float64) ** 3 * 600 + 0.3
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    image_sizes = [(256, 192), (240, 180)]
+    names = list(feats)
+    ours = MultiScaleRoIAlign(names, 7, 2)(feats, boxes, image_sizes)
+    theirs = TVMultiScaleRoIAlign(names, 7, 2)(feats, boxes, image_sizes)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+    ours_grads = torch.autograd.grad(ours, list(feats.values()), grad)
+    theirs_grads = torch.autograd.grad(theirs, list(feats.values()), grad)
+    for a, b in zip(ours_grads, theirs_grads):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    empty = MultiScaleRoIAlign(names, 7, 2)(feats, [torch.zeros(0, 4, dtype=torch.float64)] * 2, image_sizes)
+    assert empty.shape == (0, 8, 7, 7)
