@@ -2,8 +2,11 @@
 
     python benchmarks/model_vs_torchvision.py [--repeats 3] [--out benchmarks/results/model.json]
 
-Prints a table of median seconds per train step / inference batch and the ratio
-torchvision / ours (> 1: ours is faster), and writes the numbers as JSON.
+Prints a table of median seconds per train step / inference batch, the ratio torchvision /
+ours (> 1: ours is faster) and, for inference, each model's effective FLOP rate as a share of
+the machine's fp32 matrix-product rate measured in the same run: the work is torchvision's
+inference of the batch counted by `torch.utils.flop_counter.FlopCounterMode` (our sparse RoIAlign
+would be counted as a dense product), over each model's median time. Writes the numbers as JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,7 +68,14 @@ def _infer(model, images) -> None:
         model(images)
 
 
-def run(repeats: int) -> dict:
+def _inference_flops(model, images) -> int:
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images)
+    return counter.get_total_flops()
+
+
+def run(repeats: int, gflops: float) -> dict:
     results = {}
     for name, (backbone, size, batch, overrides) in CASES.items():
         g = torch.Generator().manual_seed(0)
@@ -78,6 +89,7 @@ def run(repeats: int) -> dict:
         for key, m in models.items():  # warm-up
             _train_step(m, opts[key], images, targets)
             _infer(m, images)
+        flops = _inference_flops(tv, images)
         for _ in range(repeats):
             for key, m in models.items():  # alternate, so drift hits both alike
                 times[(key, "train_step")].append(_time(_train_step, m, opts[key], images, targets))
@@ -87,6 +99,10 @@ def run(repeats: int) -> dict:
             our_s = statistics.median(times[("ours", phase)])
             results[f"{name}/{phase}"] = {"torchvision_s": tv_s, "ours_s": our_s,
                                           "speedup": tv_s / our_s}
+        inference = results[f"{name}/inference"]
+        inference["gflop"] = flops / 1e9
+        for key in models:
+            inference[f"{key}_matmul_share"] = flops / inference[f"{key}_s"] / 1e9 / gflops
     return results
 
 
@@ -96,11 +112,16 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/model_vs_torchvision.json")
     args = parser.parse_args()
     gflops = matmul_gflops()
-    results = run(args.repeats)
+    results = run(args.repeats, gflops)
     print(f"machine: fp32 matmul {gflops:.0f} GFLOP/s, torch threads {torch.get_num_threads()}")
-    print(f"{'case':44s} {'torchvision s':>14s} {'ours s':>10s} {'speedup':>8s}")
+    print(f"{'case':44s} {'torchvision s':>14s} {'ours s':>10s} {'speedup':>8s} {'GFLOP':>7s} "
+          f"{'FLOP rate / matmul: tv':>23s} {'ours':>6s}")
     for k, r in results.items():
-        print(f"{k:44s} {r['torchvision_s']:14.3f} {r['ours_s']:10.3f} {r['speedup']:8.2f}")
+        line = f"{k:44s} {r['torchvision_s']:14.3f} {r['ours_s']:10.3f} {r['speedup']:8.2f}"
+        if "gflop" in r:
+            line += (f" {r['gflop']:7.0f} {100 * r['torchvision_matmul_share']:22.0f}% "
+                     f"{100 * r['ours_matmul_share']:5.0f}%")
+        print(line)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -1,15 +1,21 @@
 """The Ray tax: a training step inside `mrcnn-train` against the same step in a plain process.
 
-    python benchmarks/ray_overhead.py [--steps 60] [--skip 10] [--repeats 3] [HYDRA_OVERRIDES ...]
+    python benchmarks/ray_overhead.py [--steps 200] [--skip 10] [--startup 60] [--repeats 3] [HYDRA_OVERRIDES ...]
 
 Both sides use the default job's config (`r18_fpn_small` on the shapes dataset, its batch size,
 optimizer and torch threads) and the same training images through the same decode and
-augmentation code. (a) `mrcnn-train trainer.epochs=1 trainer.max_steps=STEPS` in a subprocess,
-its step time and data-wait share read back from its MLflow run (`system/step_s`,
-`system/data_wait_share`, logged every step); (b) `workflows.engine.train_one_epoch` in this
-process over batches decoded beforehand. The first `--skip` steps of each are left out (warm-up).
-Runs alternate; the medians, their ratio and the machine's fp32 matrix-product rate are printed
-and written as JSON.
+augmentation code; the generated training set holds STEPS batches, so the window is one epoch.
+(a) `mrcnn-train trainer.epochs=1 trainer.max_steps=STEPS` in a subprocess, its step time and
+data-wait share read back from its MLflow run (`system/step_s`, `system/data_wait_share`, the
+epoch's running means, logged every `trainer.log_every_steps` as in any run: window ends are
+multiples of it); (b) `workflows.engine.train_one_epoch` in this process over batches decoded
+beforehand. The first `--skip` steps of each are left out (warm-up). Two windows are reported:
+steps skip+1..startup, while Ray's processes (split coordinators, dataset manager, decode
+workers) are still starting beside the first steps, and startup+1..STEPS, the steady state the
+rest of a run sees. While the job runs, every process's CPU time is sampled: the table of CPU
+shares over the middle half of the training worker's life shows where the cores went. Runs
+alternate; the medians, their ratios and the machine's fp32
+matrix-product rate are printed and written as JSON.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,16 +54,57 @@ def window_mean(history: dict[int, float], shares: dict[int, float], skip: int, 
     return total / (last - skip), wait / total
 
 
-def in_ray(work: Path, steps: int, skip: int, overrides: list[str]) -> tuple[float, float]:
-    client, run, _ = train_job(work / f"ray-{time.time_ns()}", [
-        f"data.root={work / 'shapes'}", "trainer.epochs=1", f"trainer.max_steps={steps}",
-        "trainer.log_every_steps=1", "tracking.log_images=0", "run_name=overhead", *overrides])
+class CpuSampler(threading.Thread):
+    """Every process's CPU seconds (user + system) every `every` s, until stopped."""
+
+    def __init__(self, every: float = 2.0):
+        super().__init__(daemon=True)
+        self.every, self.stop, self.samples = every, threading.Event(), []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            snap = {}
+            for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+                cmd, cpu = proc.info["cmdline"], proc.info["cpu_times"]
+                if cpu is not None:
+                    name = cmd[0] if cmd and cmd[0].startswith("ray::") else proc.info["name"]
+                    snap[proc.info["pid"]] = (name.split(" ")[0][:40], cpu.user + cpu.system)
+            self.samples.append((time.time(), snap))
+            self.stop.wait(self.every)
+
+    def shares(self) -> dict[str, float]:
+        """Per process name, its share of one core over the middle half of the training worker's
+        life (ray::RayTrainWorker), summed over processes of that name."""
+        alive = [t for t, snap in self.samples if any(n.startswith("ray::RayTrainWorker") for n, _ in snap.values())]
+        if len(alive) < 4:
+            return {}
+        lo, hi = alive[0] + (alive[-1] - alive[0]) / 4, alive[-1] - (alive[-1] - alive[0]) / 4
+        window = [(t, snap) for t, snap in self.samples if lo <= t <= hi]
+        (t0, a), (t1, b) = window[0], window[-1]
+        out: dict[str, float] = defaultdict(float)
+        for pid, (name, cpu) in b.items():
+            if pid in a:
+                out[name] += (cpu - a[pid][1]) / (t1 - t0)
+        return dict(out)
+
+
+def in_ray(work: Path, steps: int, windows: list[tuple[int, int]], overrides: list[str]
+           ) -> tuple[list[tuple[float, float]], dict[str, float]]:
+    sampler = CpuSampler()
+    sampler.start()
+    try:
+        client, run, _ = train_job(work / f"ray-{time.time_ns()}", [
+            f"data.root={work / 'shapes'}", "trainer.epochs=1", f"trainer.max_steps={steps}",
+            "tracking.log_images=0", "run_name=overhead", *overrides])
+    finally:
+        sampler.stop.set()
+        sampler.join()
     step_s = {m.step: m.value for m in client.get_metric_history(run, "system/step_s")}
     share = {m.step: m.value for m in client.get_metric_history(run, "system/data_wait_share")}
-    return window_mean(step_s, share, skip, steps)
+    return [window_mean(step_s, share, a, b) for a, b in windows], sampler.shares()
 
 
-def in_process(cfg: dict, batches: list[dict], skip: int) -> float:
+def in_process(cfg: dict, batches: list[dict], windows: list[tuple[int, int]]) -> list[float]:
     torch.manual_seed(cfg["seed"])
     if cfg["trainer"]["torch_threads"]:
         torch.set_num_threads(cfg["trainer"]["torch_threads"])
@@ -71,23 +121,27 @@ def in_process(cfg: dict, batches: list[dict], skip: int) -> float:
     train_one_epoch(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False), iter(batches),
                     torch.device("cpu"), 0, grad_clip_norm=opt_cfg["grad_clip_norm"], on_step=on_step)
     times.insert(0, t0)
-    return (times[-1] - times[skip]) / (len(times) - 1 - skip)
+    return [(times[b] - times[a]) / (b - a) for a, b in windows]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--skip", type=int, default=10)
+    p.add_argument("--startup", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/ray_overhead.json"))
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
+    windows = {"start-up": (a.skip, a.startup), "steady": (a.startup, a.steps)}
     work = Path(tempfile.mkdtemp(prefix="mrcnn-bench-overhead-"))
     cfg = compose_job([f"output_dir={work}", f"data.root={work / 'shapes'}", *a.overrides])
+    bs = cfg["trainer"]["batch_size"]
+    overrides = [f"data.generate.train={a.steps * bs}", *a.overrides]  # the window is one epoch
+    cfg = compose_job([f"output_dir={work}", f"data.root={work / 'shapes'}", *overrides])
     ensure_shapes(cfg["data"])
     split = load_split(cfg["data"], "train")
     cfg["model"]["num_classes"] = split.categories.num_classes
-    bs = cfg["trainer"]["batch_size"]
     records = (split.records * (a.steps * bs // len(split.records) + 1))[: a.steps * bs]
     batches = []
     for i in range(0, len(records), bs):
@@ -96,24 +150,42 @@ def main() -> None:
         rows["annotations"] = [json.dumps(r["annotations"]) for r in chunk]
         batches.append(decode_batch(rows, cfg["data"]["s3"], train=True, augment=cfg["data"]["augment"]))
     gflops = matmul_gflops()
-    plain, ray_step, wait = [], [], []
+    plain = {w: [] for w in windows}
+    ray_step = {w: [] for w in windows}
+    wait = {w: [] for w in windows}
+    cpu: dict[str, list[float]] = defaultdict(list)
     for _ in range(a.repeats):
-        plain.append(in_process(cfg, batches, a.skip))
-        s, w = in_ray(work, a.steps, a.skip, a.overrides)
-        ray_step.append(s)
-        wait.append(w)
-        print(f"plain {plain[-1]:.3f} s/step   mrcnn-train {s:.3f} s/step (data wait {100 * w:.1f} %)", flush=True)
-    row = {"plain_step_s": statistics.median(plain), "ray_step_s": statistics.median(ray_step),
-           "data_wait_share": statistics.median(wait), "steps": a.steps, "skip": a.skip, "repeats": a.repeats,
-           "batch_size": bs, "torch_threads": torch.get_num_threads(), "matmul_gflops": gflops,
-           "cpus": os.cpu_count(), "overrides": a.overrides}
-    row["ratio"] = row["ray_step_s"] / row["plain_step_s"]
-    print(f"\nmachine: {os.cpu_count()} CPUs, fp32 matmul {gflops:.0f} GFLOP/s, torch threads {row['torch_threads']}")
-    print(f"{'plain process':>15} {'mrcnn-train':>12} {'ratio':>6} {'data wait':>10}")
-    print(f"{row['plain_step_s']:>13.3f} s {row['ray_step_s']:>10.3f} s {row['ratio']:>6.2f} "
-          f"{100 * row['data_wait_share']:>9.1f} %")
+        for w, t in zip(windows, in_process(cfg, batches, list(windows.values()))):
+            plain[w].append(t)
+        steps, shares = in_ray(work, a.steps, list(windows.values()), overrides)
+        for w, (s, share) in zip(windows, steps):
+            ray_step[w].append(s)
+            wait[w].append(share)
+        for name, share in shares.items():
+            cpu[name].append(share)
+        print("  ".join(f"{w}: plain {plain[w][-1]:.3f} s/step, mrcnn-train {ray_step[w][-1]:.3f} s/step "
+                        f"(data wait {100 * wait[w][-1]:.1f} %)" for w in windows), flush=True)
+    rows = {}
+    for w, (lo, hi) in windows.items():
+        row = {"steps": f"{lo + 1}-{hi}", "plain_step_s": statistics.median(plain[w]),
+               "ray_step_s": statistics.median(ray_step[w]), "data_wait_share": statistics.median(wait[w])}
+        row["ratio"] = row["ray_step_s"] / row["plain_step_s"]
+        rows[w] = row
+    meta = {"repeats": a.repeats, "batch_size": bs, "torch_threads": torch.get_num_threads(),
+            "matmul_gflops": gflops, "cpus": os.cpu_count(), "overrides": a.overrides}
+    print(f"\nmachine: {os.cpu_count()} CPUs, fp32 matmul {gflops:.0f} GFLOP/s, torch threads {meta['torch_threads']}")
+    print(f"{'window':>9} {'steps':>8} {'plain process':>14} {'mrcnn-train':>12} {'ratio':>6} {'data wait':>10}")
+    for w, row in rows.items():
+        print(f"{w:>9} {row['steps']:>8} {row['plain_step_s']:>12.3f} s {row['ray_step_s']:>10.3f} s "
+              f"{row['ratio']:>6.2f} {100 * row['data_wait_share']:>9.1f} %")
+    cpu_share = {name: statistics.median(v) for name, v in cpu.items() if statistics.median(v) >= 0.005}
+    cpu_share = dict(sorted(cpu_share.items(), key=lambda kv: -kv[1]))
+    print(f"\nCPU during the job (share of one core, middle half of the training worker's life; "
+          f"{os.cpu_count()} cores = {100 * (os.cpu_count() or 1)} %):")
+    for name, share in cpu_share.items():
+        print(f"{100 * share:8.1f} %  {name}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(row, indent=2) + "\n")
+    Path(a.out).write_text(json.dumps({"meta": meta, "windows": rows, "cpu_share": cpu_share}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
