@@ -170,3 +170,35 @@ def test_sparse_roi_align_equals_torchvision_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     empty = MultiScaleRoIAlign(names, 7, 2)(feats, [torch.zeros(0, 4, dtype=torch.float64)] * 2, image_sizes)
     assert empty.shape == (0, 8, 7, 7)
+
+
+@pytest.mark.parametrize("frozen_bn", [True, False])
+def test_norm_folded_into_convolutions_equals_the_resnet_forward(frozen_bn):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from mrcnn.config import BackboneConfig
+    from mrcnn.modeling.backbone import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone(BackboneConfig(name="resnet50", frozen_bn=frozen_bn, trainable_layers=3,
+                                             fpn_channels=32)).double()
+    with torch.no_grad():  # statistics and affine terms far from the identity
+        for m in backbone.modules():
+            if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    backbone.eval()  # BatchNorm2d folds only with running statistics; FrozenBatchNorm2d always
+    x = torch.rand(2, 3, 96, 64, dtype=torch.float64)
+    ours = backbone.body(x)
+    body, h = backbone.body, x
+    for name in ("conv1", "bn1", "relu", "maxpool"):
+        h = body[name](h)
+    for i, stage in enumerate(("layer1", "layer2", "layer3", "layer4")):
+        h = body[stage](h)  # torchvision's own block forward: conv, norm, ReLU, unfolded
+        torch.testing.assert_close(ours[str(i)], h, rtol=1e-10, atol=1e-12)
+    weight = body["layer3"][0].conv2.weight  # a trainable weight: the fold passes its gradient
+    grad_ours, = torch.autograd.grad(ours["3"].sum(), weight)
+    grad_ref, = torch.autograd.grad(h.sum(), weight)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-10, atol=1e-12)
