@@ -31,7 +31,7 @@ def _axis_matrix(lo: Tensor, hi: Tensor, m: int, length: int) -> Tensor:
     i1 = (i0 + 1).clamp(max=m - 1)
     w1 = src - i0
     inside = ((pos >= 0) & (pos < span[:, None])).to(src.dtype)
-    mat = torch.zeros((lo.shape[0], length, m), device=lo.device)
+    mat = torch.zeros((lo.shape[0], length, m), dtype=src.dtype, device=lo.device)
     mat.scatter_add_(2, i0[..., None], ((1 - w1) * inside)[..., None])
     mat.scatter_add_(2, i1[..., None], (w1 * inside)[..., None])
     return mat

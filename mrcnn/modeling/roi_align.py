@@ -40,16 +40,19 @@ def _axis_samples(start: Tensor, bin_size: Tensor, bins: int, sr: int, size: Ten
     return low, high, (1 - frac) * valid, frac * valid
 
 
+# torch warns on every new process that builds a CSR tensor; the product used here is tested.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+
 class _SparseProduct(torch.autograd.Function):
-    """out = S @ flat for S given by (rows, cols, vals) with `taps` sorted non-zeros per row:
-    CSR forward, COO transposed backward. flat: float[P, C] -> float[rows, C]."""
+    """out = S @ flat, S [num_rows, P] given row by row: `taps` non-zeros a row, their column
+    indices `cols` int64[num_rows * taps] and values `vals`. CSR forward, transposed COO backward.
+    flat: float[P, C] -> float[num_rows, C]."""
 
     @staticmethod
     def forward(ctx, flat: Tensor, cols: Tensor, vals: Tensor, num_rows: int, taps: int) -> Tensor:
         crow = torch.arange(0, num_rows * taps + 1, taps, device=flat.device)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            s = torch.sparse_csr_tensor(crow, cols, vals, (num_rows, flat.shape[0]), check_invariants=False)
+        s = torch.sparse_csr_tensor(crow, cols, vals, (num_rows, flat.shape[0]), check_invariants=False)
         ctx.save_for_backward(cols, vals)
         ctx.shape, ctx.taps = (num_rows, flat.shape[0]), taps
         return s @ flat
