@@ -14,8 +14,8 @@ steps skip+1..startup, while Ray's processes (split coordinators, dataset manage
 workers) are still starting beside the first steps, and startup+1..STEPS, the steady state the
 rest of a run sees. While the job runs, every process's CPU time is sampled: the table of CPU
 shares over the middle half of the training worker's life shows where the cores went. Runs
-alternate; the medians, their ratios and the machine's fp32
-matrix-product rate are printed and written as JSON.
+alternate; the medians, their ratios and the machine's fp32 matrix-product rate are printed and
+written as JSON.
 """
 
 from __future__ import annotations

@@ -193,8 +193,7 @@ def test_norm_folded_into_convolutions_equals_the_resnet_forward(frozen_bn):
     x = torch.rand(2, 3, 96, 64, dtype=torch.float64)
     ours = backbone.body(x)
     body, h = backbone.body, x
-    for name in ("conv1", "bn1", "relu", "maxpool"):
-        h = body[name](h)
+    h = body["maxpool"](torch.relu(body["bn1"](body["conv1"](h))))
     for i, stage in enumerate(("layer1", "layer2", "layer3", "layer4")):
         h = body[stage](h)  # torchvision's own block forward: conv, norm, ReLU, unfolded
         torch.testing.assert_close(ours[str(i)], h, rtol=1e-10, atol=1e-12)

@@ -59,7 +59,7 @@ class ResNetBody(nn.ModuleDict):
     """
 
     def __init__(self, resnet: nn.Module) -> None:
-        names = ("conv1", "bn1", "relu", "maxpool", *_STAGES)
+        names = ("conv1", "bn1", "maxpool", *_STAGES)  # ReLUs are applied in conv_bn
         super().__init__(OrderedDict((n, getattr(resnet, n)) for n in names))
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:

@@ -36,8 +36,9 @@ class MaskRCNN(nn.Module):
         c = self.backbone.out_channels
         self.rpn = RegionProposalNetwork(anchors, RPNHead(c, anchors.num_anchors_per_location()), cfg.rpn)
         self.roi_heads = RoIHeads(cfg.roi_heads, c, cfg.num_classes)
-        if cfg.backbone.channels_last:  # the RPN and mask heads' convolutions too
-            self.to(memory_format=torch.channels_last)
+        if cfg.backbone.channels_last:  # the RPN and mask heads' convolutions too (the backbone is already)
+            self.rpn.to(memory_format=torch.channels_last)
+            self.roi_heads.to(memory_format=torch.channels_last)
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Any]] | None = None
