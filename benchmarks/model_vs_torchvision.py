@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_gflops  # noqa: E402
 from oracle import make_pair  # noqa: E402
 
+from workflows.allocator import reuse_large_blocks  # noqa: E402
+
 CASES = {
     # name: (backbone, image size, batch, torchvision MaskRCNN overrides)
     "r50_fpn_512_b2": ("resnet50", 512, 2, {}),
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/model_vs_torchvision.json")
     args = parser.parse_args()
+    reuse_large_blocks()  # as the training and inference jobs do
     gflops = matmul_gflops()
     results = run(args.repeats, gflops)
     print(f"machine: fp32 matmul {gflops:.0f} GFLOP/s, torch threads {torch.get_num_threads()}")

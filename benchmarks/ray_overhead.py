@@ -41,6 +41,7 @@ from common import matmul_gflops, train_job  # noqa: E402
 from jobs import compose_job  # noqa: E402
 
 from mrcnn import build_model  # noqa: E402
+from workflows.allocator import reuse_large_blocks  # noqa: E402
 from workflows.data import decode_batch, ensure_shapes, load_split  # noqa: E402
 from workflows.engine import train_one_epoch  # noqa: E402
 from workflows.train_loop import lr_factor, make_optimizer  # noqa: E402
@@ -108,6 +109,7 @@ def in_process(cfg: dict, batches: list[dict], windows: list[tuple[int, int]]) -
     torch.manual_seed(cfg["seed"])
     if cfg["trainer"]["torch_threads"]:
         torch.set_num_threads(cfg["trainer"]["torch_threads"])
+    reuse_large_blocks()  # as the training worker does
     model = build_model(cfg["model"])
     opt_cfg = cfg["trainer"]["optimizer"]
     optimizer = make_optimizer(model, opt_cfg, cfg["trainer"]["batch_size"])

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from mrcnn.evaluation.coco_eval import format_table
+from workflows.allocator import reuse_large_blocks
 from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.data import ensure_shapes, image_dataset, load_split
 from workflows.engine import predict_to_coco
@@ -37,6 +38,7 @@ def evaluate_model(loaded: LoadedModel, cfg: dict[str, Any], split: str = "val")
     if not ray.is_initialized():
         ray.init(address=cfg["ray_address"])
     ray.data.DataContext.get_current().enable_progress_bars = False
+    reuse_large_blocks()
     batches = image_dataset(data, cfg["data"], train=False).iter_batches(batch_size=4, batch_format="numpy")
     preds = predict_to_coco(loaded.model.eval(), batches, loaded.labels, torch.device("cpu"))
     print(f"{split}: {len(preds.image_ids)} images, model {loaded.uri}")

@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from mrcnn.data.images import ImageDecodeError, decode_image
 from mrcnn.masks import decode_rle_masks, encode_masks
 from mrcnn.visualization import draw_predictions
+from workflows.allocator import reuse_large_blocks
 from workflows.config import CONF_DIR, register_configs, to_container
 from workflows.data import read_uri
 from workflows.engine import predict_images, set_detection_limits
@@ -205,6 +206,7 @@ class Predictor:
     def __init__(self, model_uri: str, tracking_uri: str, version: str, infer: dict[str, Any]):
         if infer["torch_threads"]:
             torch.set_num_threads(infer["torch_threads"])
+        reuse_large_blocks()
         loaded = load_model(model_uri, tracking_uri)
         self.device = torch.device("cuda" if infer["num_gpus"] > 0 and torch.cuda.is_available() else "cpu")
         self.model = set_detection_limits(loaded.model, infer["score_threshold"], infer["max_detections"])

@@ -24,6 +24,7 @@ from mrcnn.checkpoint import load_torchvision_weights, load_weights_file, save_c
 from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_side_by_side
+from workflows.allocator import reuse_large_blocks
 from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
 from workflows.storage import read_bytes
 from workflows.tracking import RunLogger, metric_key
@@ -84,6 +85,7 @@ def setup(config: dict[str, Any]) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if trainer_cfg["torch_threads"]:
         torch.set_num_threads(trainer_cfg["torch_threads"])
+    reuse_large_blocks()
     torch.manual_seed(cfg["seed"] + rank)
     device = ray.train.torch.get_device()
     model = build_model(cfg["model"])
