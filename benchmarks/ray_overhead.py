@@ -56,20 +56,31 @@ def window_mean(history: dict[int, float], shares: dict[int, float], skip: int, 
 
 
 class CpuSampler(threading.Thread):
-    """Every process's CPU seconds (user + system) every `every` s, until stopped."""
+    """Every process's CPU seconds (user + system) every `every` s, until stopped. Names are read
+    once per process: a sweep reads only CPU times, so the sampler's own share stays small."""
 
-    def __init__(self, every: float = 2.0):
+    def __init__(self, every: float = 5.0):
         super().__init__(daemon=True)
         self.every, self.stop, self.samples = every, threading.Event(), []
+        self.names: dict[int, str] = {}
+
+    def name(self, proc: psutil.Process) -> str:
+        if proc.pid not in self.names:
+            try:
+                cmd = proc.cmdline()
+                name = cmd[0] if cmd and cmd[0].startswith("ray::") else proc.name()
+            except psutil.Error:
+                name = "?"
+            self.names[proc.pid] = name.split(" ")[0][:40]
+        return self.names[proc.pid]
 
     def run(self) -> None:
         while not self.stop.is_set():
             snap = {}
-            for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
-                cmd, cpu = proc.info["cmdline"], proc.info["cpu_times"]
+            for proc in psutil.process_iter(["cpu_times"]):
+                cpu = proc.info["cpu_times"]
                 if cpu is not None:
-                    name = cmd[0] if cmd and cmd[0].startswith("ray::") else proc.info["name"]
-                    snap[proc.info["pid"]] = (name.split(" ")[0][:40], cpu.user + cpu.system)
+                    snap[proc.pid] = (self.name(proc), cpu.user + cpu.system)
             self.samples.append((time.time(), snap))
             self.stop.wait(self.every)
 
