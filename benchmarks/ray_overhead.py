@@ -56,23 +56,23 @@ def window_mean(history: dict[int, float], shares: dict[int, float], skip: int, 
 
 
 class CpuSampler(threading.Thread):
-    """Every process's CPU seconds (user + system) every `every` s, until stopped. Names are read
-    once per process: a sweep reads only CPU times, so the sampler's own share stays small."""
+    """Every process's CPU seconds (user + system) every `every` s, until stopped (a sweep reads
+    two small /proc files a process, so the sampler's own share stays small)."""
 
     def __init__(self, every: float = 5.0):
         super().__init__(daemon=True)
         self.every, self.stop, self.samples = every, threading.Event(), []
-        self.names: dict[int, str] = {}
 
-    def name(self, proc: psutil.Process) -> str:
-        if proc.pid not in self.names:
-            try:
-                cmd = proc.cmdline()
-                name = cmd[0] if cmd and cmd[0].startswith("ray::") else proc.name()
-            except psutil.Error:
-                name = "?"
-            self.names[proc.pid] = name.split(" ")[0][:40]
-        return self.names[proc.pid]
+    @staticmethod
+    def name(proc: psutil.Process) -> str:
+        """`ray::Class` for Ray's workers (their title names the running method: dropped),
+        else the executable."""
+        try:
+            cmd = proc.cmdline()
+            name = cmd[0].split(" ")[0].split(".")[0] if cmd and cmd[0].startswith("ray::") else proc.name()
+        except psutil.Error:
+            name = "?"
+        return name[:40]
 
     def run(self) -> None:
         while not self.stop.is_set():
