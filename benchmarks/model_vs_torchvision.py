@@ -1,12 +1,15 @@
 """Ours against torchvision's Mask R-CNN: same weights, same inputs, alternated in one process.
 
     python benchmarks/model_vs_torchvision.py [--repeats 3] [--out benchmarks/results/model.json]
+                                              [--default-allocator]
 
 Prints a table of median seconds per train step / inference batch, the ratio torchvision /
 ours (> 1: ours is faster) and, for inference, each model's effective FLOP rate as a share of
 the machine's fp32 matrix-product rate measured in the same run: the work is torchvision's
 inference of the batch counted by `torch.utils.flop_counter.FlopCounterMode` (our sparse RoIAlign
 would be counted as a dense product), over each model's median time. Writes the numbers as JSON.
+Both models run under the allocator policy of the jobs (`workflows.allocator`), unless
+`--default-allocator` leaves glibc's as it is.
 """
 
 from __future__ import annotations
@@ -112,11 +115,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/model_vs_torchvision.json")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator policy as it is (the jobs change it)")
     args = parser.parse_args()
-    reuse_large_blocks()  # as the training and inference jobs do
+    allocator = "C library default" if args.default_allocator or not reuse_large_blocks() else "large blocks reused"
     gflops = matmul_gflops()
     results = run(args.repeats, gflops)
-    print(f"machine: fp32 matmul {gflops:.0f} GFLOP/s, torch threads {torch.get_num_threads()}")
+    print(f"machine: fp32 matmul {gflops:.0f} GFLOP/s, torch threads {torch.get_num_threads()}, "
+          f"allocator: {allocator}")
     print(f"{'case':44s} {'torchvision s':>14s} {'ours s':>10s} {'speedup':>8s} {'GFLOP':>7s} "
           f"{'FLOP rate / matmul: tv':>23s} {'ours':>6s}")
     for k, r in results.items():
@@ -128,7 +134,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": "cpu", "repeats": args.repeats, "matmul_gflops": gflops}
+            "device": "cpu", "repeats": args.repeats, "matmul_gflops": gflops, "allocator": allocator}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {out}")
 
