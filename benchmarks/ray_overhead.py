@@ -1,6 +1,7 @@
 """The Ray tax: a training step inside `mrcnn-train` against the same step in a plain process.
 
-    python benchmarks/ray_overhead.py [--steps 200] [--skip 10] [--startup 60] [--repeats 3] [HYDRA_OVERRIDES ...]
+    python benchmarks/ray_overhead.py [--steps 200] [--skip 10] [--startup 60] [--repeats 3]
+                                      [--background N] [HYDRA_OVERRIDES ...]
 
 Both sides use the default job's config (`r18_fpn_small` on the shapes dataset, its batch size,
 optimizer and torch threads) and the same training images through the same decode and
@@ -15,13 +16,16 @@ workers) are still starting beside the first steps, and startup+1..STEPS, the st
 rest of a run sees. While the job runs, every process's CPU time is sampled: the table of CPU
 shares over the middle half of the training worker's life shows where the cores went. Runs
 alternate; the medians, their ratios and the machine's fp32 matrix-product rate are printed and
-written as JSON.
+written as JSON. `--background N` also times the plain process beside N processes that do what
+each of Ray's idle workers does (wake 160 times a second, run 30 us): how much of the tax such a
+background explains.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -100,6 +104,27 @@ class CpuSampler(threading.Thread):
         return dict(out)
 
 
+def _wake_and_spin(hz: float, run_s: float) -> None:
+    while True:
+        time.sleep(1 / hz)
+        t = time.perf_counter()
+        while time.perf_counter() - t < run_s:
+            pass
+
+
+def beside_background(n: int, fn, *args):
+    """fn(*args) while n processes each wake 160 times a second and run 30 us."""
+    procs = [multiprocessing.Process(target=_wake_and_spin, args=(160.0, 30e-6), daemon=True) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    try:
+        return fn(*args)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.join()
+
+
 def in_ray(work: Path, steps: int, windows: list[tuple[int, int]], overrides: list[str]
            ) -> tuple[list[tuple[float, float]], dict[str, float]]:
     sampler = CpuSampler()
@@ -143,6 +168,8 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=10)
     p.add_argument("--startup", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--background", type=int, default=0, metavar="N",
+                   help="also time the plain process beside N processes waking like Ray's idle workers")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/ray_overhead.json"))
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
@@ -165,11 +192,15 @@ def main() -> None:
     gflops = matmul_gflops()
     plain = {w: [] for w in windows}
     ray_step = {w: [] for w in windows}
+    beside = {w: [] for w in windows}
     wait = {w: [] for w in windows}
     cpu: dict[str, list[float]] = defaultdict(list)
     for _ in range(a.repeats):
         for w, t in zip(windows, in_process(cfg, batches, list(windows.values()))):
             plain[w].append(t)
+        if a.background:
+            for w, t in zip(windows, beside_background(a.background, in_process, cfg, batches, list(windows.values()))):
+                beside[w].append(t)
         steps, shares = in_ray(work, a.steps, list(windows.values()), overrides)
         for w, (s, share) in zip(windows, steps):
             ray_step[w].append(s)
@@ -183,14 +214,23 @@ def main() -> None:
         row = {"steps": f"{lo + 1}-{hi}", "plain_step_s": statistics.median(plain[w]),
                "ray_step_s": statistics.median(ray_step[w]), "data_wait_share": statistics.median(wait[w])}
         row["ratio"] = row["ray_step_s"] / row["plain_step_s"]
+        if a.background:
+            row["plain_beside_background_s"] = statistics.median(beside[w])
+            row["background_ratio"] = row["plain_beside_background_s"] / row["plain_step_s"]
         rows[w] = row
-    meta = {"repeats": a.repeats, "batch_size": bs, "torch_threads": torch.get_num_threads(),
-            "matmul_gflops": gflops, "cpus": os.cpu_count(), "overrides": a.overrides}
+    meta = {"repeats": a.repeats, "background_processes": a.background, "batch_size": bs,
+            "torch_threads": torch.get_num_threads(), "matmul_gflops": gflops, "cpus": os.cpu_count(),
+            "overrides": a.overrides}
     print(f"\nmachine: {os.cpu_count()} CPUs, fp32 matmul {gflops:.0f} GFLOP/s, torch threads {meta['torch_threads']}")
     print(f"{'window':>9} {'steps':>8} {'plain process':>14} {'mrcnn-train':>12} {'ratio':>6} {'data wait':>10}")
     for w, row in rows.items():
         print(f"{w:>9} {row['steps']:>8} {row['plain_step_s']:>12.3f} s {row['ray_step_s']:>10.3f} s "
               f"{row['ratio']:>6.2f} {100 * row['data_wait_share']:>9.1f} %")
+    if a.background:
+        print(f"\nplain process beside {a.background} processes waking 160 times a second for 30 us:")
+        for w, row in rows.items():
+            print(f"{w:>9} {row['steps']:>8} {row['plain_beside_background_s']:>12.3f} s "
+                  f"{row['background_ratio']:>6.2f}x the plain step")
     cpu_share = {name: statistics.median(v) for name, v in cpu.items() if statistics.median(v) >= 0.005}
     cpu_share = dict(sorted(cpu_share.items(), key=lambda kv: -kv[1]))
     print(f"\nCPU during the job (share of one core, middle half of the training worker's life; "
