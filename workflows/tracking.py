@@ -236,9 +236,18 @@ class RunLogger:
             sys.stderr.write("MLflow reachable again: the queued writes are sent\n")
             self.down = False
 
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait up to `timeout` s until everything queued so far is sent; at once False while the
+        server is known to be down (training does not wait for it)."""
+        if self.down:
+            return False
+        sent = threading.Event()
+        self._queue.put(_Pending("", lambda c: sent.set()))
+        return sent.wait(timeout)
+
     def close(self, timeout: float = 60.0) -> list[str]:
         """Send what is queued, retrying for up to `timeout` s; returns what could not be sent."""
         self._deadline = time.time() + timeout
         self._queue.put(None)
         self._thread.join(timeout + 30)
-        return [p.what for p in list(self._backlog)]
+        return [p.what for p in list(self._backlog) if p.what]  # "": a flush marker

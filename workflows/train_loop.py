@@ -257,5 +257,7 @@ def train_loop(config: dict[str, Any]) -> None:
             unsent = w.mlflow.close()
             if unsent:  # the driver names them at the end of the job
                 metrics["mlflow_unlogged"] = unsent
+        elif w.rank == 0:  # in MLflow before the report, after which Tune may stop this trial
+            w.mlflow.flush()
         save_and_report(w, metrics, epoch, step,
                         save=(epoch + 1) % trainer_cfg["checkpoint_every_epochs"] == 0 or last)
