@@ -101,6 +101,7 @@ def test_training_losses_and_gradients_match_torchvision():
     sum(our_losses.values()).backward()
     theirs_params, our_params = dict(tv.named_parameters()), dict(ours.named_parameters())
     for name in ["roi_heads.mask_predictor.mask_fcn_logits.weight", "roi_heads.box_head.fc6.weight",
+                 "roi_heads.mask_predictor.conv5_mask.weight", "roi_heads.mask_predictor.conv5_mask.bias",
                  "rpn.head.conv.0.0.weight", "backbone.fpn.layer_blocks.0.0.weight",
                  "backbone.body.layer4.0.conv1.weight"]:
         g_t, g_o = theirs_params[name].grad, our_params[name].grad

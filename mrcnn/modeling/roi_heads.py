@@ -73,7 +73,15 @@ class MaskPredictor(nn.Module):
         _kaiming(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mask_fcn_logits(F.relu(self.conv5_mask(x), inplace=True))
+        up = self.conv5_mask
+        if torch.is_grad_enabled() and up.bias.requires_grad:
+            # oneDNN's bias gradient of a transposed convolution costs more than the rest of its
+            # backward (R18 mask head, 27 RoIs, channels_last: 45 -> 34 ms forward + backward)
+            # while autograd's sum for a separate add is 0.6 ms.
+            y = F.conv_transpose2d(x, up.weight, None, up.stride).add_(up.bias[:, None, None])
+        else:
+            y = up(x)
+        return self.mask_fcn_logits(F.relu(y, inplace=True))
 
 
 class RoIHeads(nn.Module):
