@@ -30,7 +30,8 @@ class BackboneConfig:
     # CPU (benchmarks/model_vs_torchvision.py setting): R50-FPN 512 training step 3.04 s against
     # 3.51 s contiguous, and the 400-RoI mask head forward 888 ms against 1088 ms; the r18_fpn_small
     # training step is the same either way (0.25 s). Another machine of the kind once measured the
-    # convolution backward slower in NHWC: measure before changing it.
+    # convolution backward slower in NHWC: measure before changing it. ResNet stages whose maps
+    # are 8 x 8 or smaller at transform.max_size stay NCHW, where that is the faster layout.
     channels_last: bool = True
 
 

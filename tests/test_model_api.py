@@ -201,3 +201,32 @@ def test_norm_folded_into_convolutions_equals_the_resnet_forward(frozen_bn):
     grad_ours, = torch.autograd.grad(ours["3"].sum(), weight)
     grad_ref, = torch.autograd.grad(h.sum(), weight)
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_stage_memory_format_follows_the_map_size():
+    """NHWC stages where the maps are larger than 8 x 8, NCHW (weights too) on smaller ones: the
+    same features as one format throughout."""
+    from mrcnn.config import BackboneConfig
+    from mrcnn.modeling.backbone import build_backbone
+
+    nhwc, nchw = torch.channels_last, torch.contiguous_format
+    torch.manual_seed(0)
+    small = build_backbone(BackboneConfig(name="resnet18", fpn_channels=32), max_input_side=128)
+    large = build_backbone(BackboneConfig(name="resnet18", fpn_channels=32), max_input_side=512)
+    plain = build_backbone(BackboneConfig(name="resnet18", fpn_channels=32, channels_last=False),
+                           max_input_side=128)
+    stages = ("layer1", "layer2", "layer3", "layer4")
+    assert [small.body.formats[s] for s in stages] == [nhwc, nhwc, nchw, nchw]  # maps 32, 16, 8, 4
+    assert [large.body.formats[s] for s in stages] == [nhwc] * 4
+    assert [plain.body.formats[s] for s in stages] == [nchw] * 4
+    assert small.body["layer4"][1].conv2.weight.is_contiguous()
+    assert not small.body["layer2"][1].conv2.weight.is_contiguous()
+    large.load_state_dict(small.state_dict())
+    plain.load_state_dict(small.state_dict())
+    x = torch.rand(2, 3, 128, 96)
+    outs = [m(x) for m in (small, large, plain)]
+    with torch.no_grad():
+        assert small.body(x)["3"].is_contiguous() and large.body(x)["3"].is_contiguous(memory_format=nhwc)
+    for other in outs[1:]:
+        for k, v in outs[0].items():
+            torch.testing.assert_close(v, other[k], rtol=1e-4, atol=1e-5)

@@ -31,7 +31,8 @@ class MaskRCNN(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.transform = ImageTransform(cfg.transform)
-        self.backbone = build_backbone(cfg.backbone)
+        padded = -(-cfg.transform.max_size // cfg.transform.size_divisible) * cfg.transform.size_divisible
+        self.backbone = build_backbone(cfg.backbone, max_input_side=padded)
         anchors = AnchorGenerator(cfg.anchors.sizes, cfg.anchors.aspect_ratios)
         c = self.backbone.out_channels
         self.rpn = RegionProposalNetwork(anchors, RPNHead(c, anchors.num_anchors_per_location()), cfg.rpn)
