@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -129,3 +130,41 @@ def test_two_workers_see_each_image_exactly_once_per_epoch(ray_local, shapes_roo
         shards = [json.loads((tmp_path / f"rank{r}_epoch{epoch}.json").read_text())["ids"] for r in (0, 1)]
         assert shards[0] and shards[1]
         assert sorted(shards[0] + shards[1]) == expected
+
+
+def _wide_rows(batch):
+    return {"x": np.repeat(np.asarray(batch["id"])[:, None], 50_000, axis=1).astype(np.float32)}  # 200 KB
+
+
+def _cpu_seconds(proc) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def test_split_rests_while_its_consumer_is_slow(ray_local):
+    """A training split whose consumer is slower than decoding ends up with its tasks paused by
+    backpressure; its coordinator must then leave the cores to training (Ray Data's own
+    scheduling loop spins at a full core there)."""
+    import psutil
+    import ray
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    ds = ray.data.from_items([{"id": i} for i in range(20_000)], override_num_blocks=64)
+    ds = ds.map_batches(_wide_rows, batch_size=8)
+    options = ExecutionOptions(resource_limits=ExecutionResources(object_store_memory=50e6))
+    shard = ExactSplitDataConfig(execution_options=options).configure(
+        {"train": ds}, world_size=1, worker_handles=None, worker_node_ids=None)[0]["train"]
+    batches = iter(shard.iter_batches(batch_size=4))
+    next(batches)
+    coordinators = [p for p in psutil.process_iter(["cmdline", "create_time"])
+                    if (p.info["cmdline"] or [""])[0].startswith("ray::SplitCoordinator")]
+    coordinator = max(coordinators, key=lambda p: p.info["create_time"])
+    for _ in range(30):  # past the start, until the budget is full and the tasks pause
+        next(batches)
+        time.sleep(0.1)
+    cpu0, t0 = _cpu_seconds(coordinator), time.monotonic()
+    for _ in range(60):
+        next(batches)
+        time.sleep(0.1)
+    share = (_cpu_seconds(coordinator) - cpu0) / (time.monotonic() - t0)
+    assert share < 0.10, f"the split coordinator took {100 * share:.0f} % of a core waiting for its consumer"

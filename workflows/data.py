@@ -156,14 +156,29 @@ def batch_to_model_inputs(batch: dict[str, Any]) -> tuple[list, list[dict], list
 
 
 class IdleThrottle(ExecutionCallback):
-    """Ray Data's scheduling loop blocks (in `ray.wait`) only while tasks run. Once a training
-    split has decoded all it may and waits for its consumer, the loop spins and takes most of a
-    core from the training worker beside it (seen: the SplitCoordinator at 65 % of a core, the
-    2-thread worker 3x slower). Idle steps sleep 10 ms instead."""
+    """Ray Data's scheduling loop blocks (in `ray.wait`) only until a running task has output.
+    Once a training split has decoded all it may and waits for its consumer, with no task
+    running or with its tasks paused by backpressure, the loop spins: a split whose consumer
+    took a batch every 0.25 s ran 1,400 loop steps a second, 90 % of a core, beside the
+    training worker (and every wake-up pre-empts a training thread). A step that changed
+    nothing (no task submitted, no output made or taken) is followed by a sleep: 10 ms, doubling
+    up to 80 ms while nothing changes; any change ends it. The decoded blocks waiting for the
+    consumer cover far more than 80 ms of training steps."""
+
+    FIRST_S, LONGEST_S = 0.01, 0.08
+
+    def __init__(self) -> None:
+        self.pause_s, self.last = self.FIRST_S, None
 
     def on_execution_step(self, executor) -> None:
-        if not any(op.num_active_tasks() for op in executor._topology):
-            time.sleep(0.01)
+        state = tuple((op.metrics.num_tasks_submitted, op.metrics.num_task_outputs_generated,
+                       op.metrics.num_outputs_taken, op_state.output_queue.num_blocks)
+                      for op, op_state in executor._topology.items())
+        if state != self.last:
+            self.last, self.pause_s = state, self.FIRST_S
+            return
+        time.sleep(self.pause_s)
+        self.pause_s = min(2 * self.pause_s, self.LONGEST_S)
 
 
 class ExactSplitDataConfig(DataConfig):
