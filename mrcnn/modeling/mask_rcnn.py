@@ -31,8 +31,7 @@ class MaskRCNN(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.transform = ImageTransform(cfg.transform)
-        padded = -(-cfg.transform.max_size // cfg.transform.size_divisible) * cfg.transform.size_divisible
-        self.backbone = build_backbone(cfg.backbone, max_input_side=padded)
+        self.backbone = build_backbone(cfg.backbone, max_input_side=self.transform.max_batch_side)
         anchors = AnchorGenerator(cfg.anchors.sizes, cfg.anchors.aspect_ratios)
         c = self.backbone.out_channels
         self.rpn = RegionProposalNetwork(anchors, RPNHead(c, anchors.num_anchors_per_location()), cfg.rpn)

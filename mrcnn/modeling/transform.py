@@ -61,10 +61,18 @@ class ImageTransform(nn.Module):
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in out_images]
         return self._batch(out_images), sizes, out_targets
 
-    def _batch(self, images: list[Tensor]) -> Tensor:
+    @property
+    def max_batch_side(self) -> int:
+        """The longest side a batch can have: `max_size`, padded."""
+        return self._padded(self.cfg.max_size)
+
+    def _padded(self, side: int) -> int:
         d = self.cfg.size_divisible
-        h = int(math.ceil(max(im.shape[-2] for im in images) / d) * d)
-        w = int(math.ceil(max(im.shape[-1] for im in images) / d) * d)
+        return int(math.ceil(side / d) * d)
+
+    def _batch(self, images: list[Tensor]) -> Tensor:
+        h = self._padded(max(im.shape[-2] for im in images))
+        w = self._padded(max(im.shape[-1] for im in images))
         batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
         for im, slot in zip(images, batch):
             slot[:, : im.shape[1], : im.shape[2]].copy_(im)
