@@ -34,6 +34,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterable
 
 import psutil
 import torch
@@ -141,7 +142,32 @@ def in_ray(work: Path, steps: int, windows: list[tuple[int, int]], overrides: li
     return [window_mean(step_s, share, a, b) for a, b in windows], sampler.shares()
 
 
-def in_process(cfg: dict, batches: list[dict], windows: list[tuple[int, int]]) -> list[float]:
+def job_batches(work: Path, steps: int, overrides: list[str]) -> tuple[dict, list[str], list[dict]]:
+    """The default job's config (data under `work`) with a generated training set of exactly
+    `steps` batches, so that the window is one epoch; the overrides that say so, for the job's
+    command line; and those batches, read, decoded and augmented in this process by the job's
+    own `decode_batch`."""
+    cfg = compose_job([f"output_dir={work}", f"data.root={work / 'shapes'}", *overrides])
+    bs = cfg["trainer"]["batch_size"]
+    overrides = [f"data.generate.train={steps * bs}", *overrides]
+    cfg = compose_job([f"output_dir={work}", f"data.root={work / 'shapes'}", *overrides])
+    ensure_shapes(cfg["data"])
+    split = load_split(cfg["data"], "train")
+    cfg["model"]["num_classes"] = split.categories.num_classes
+    records = (split.records * (steps * bs // len(split.records) + 1))[: steps * bs]
+    batches = []
+    for i in range(0, len(records), bs):
+        chunk = records[i:i + bs]
+        rows = {k: [r[k] for r in chunk] for k in ("image_id", "path", "file_name", "height", "width")}
+        rows["annotations"] = [json.dumps(r["annotations"]) for r in chunk]
+        batches.append(decode_batch(rows, cfg["data"]["s3"], train=True, augment=cfg["data"]["augment"]))
+    return cfg, overrides, batches
+
+
+def in_process(cfg: dict, batches: Iterable[dict], windows: list[tuple[int, int]]) -> list[float]:
+    """`train_one_epoch` of a fresh model over `batches` (an iterable with a length) with the job's
+    threads, seed, optimizer and allocator policy, in the calling thread; the mean step time in
+    seconds over each window (a, b]: steps a+1..b."""
     torch.manual_seed(cfg["seed"])
     if cfg["trainer"]["torch_threads"]:
         torch.set_num_threads(cfg["trainer"]["torch_threads"])
@@ -175,20 +201,8 @@ def main() -> None:
     a = p.parse_args()
     windows = {"start-up": (a.skip, a.startup), "steady": (a.startup, a.steps)}
     work = Path(tempfile.mkdtemp(prefix="mrcnn-bench-overhead-"))
-    cfg = compose_job([f"output_dir={work}", f"data.root={work / 'shapes'}", *a.overrides])
+    cfg, overrides, batches = job_batches(work, a.steps, a.overrides)
     bs = cfg["trainer"]["batch_size"]
-    overrides = [f"data.generate.train={a.steps * bs}", *a.overrides]  # the window is one epoch
-    cfg = compose_job([f"output_dir={work}", f"data.root={work / 'shapes'}", *overrides])
-    ensure_shapes(cfg["data"])
-    split = load_split(cfg["data"], "train")
-    cfg["model"]["num_classes"] = split.categories.num_classes
-    records = (split.records * (a.steps * bs // len(split.records) + 1))[: a.steps * bs]
-    batches = []
-    for i in range(0, len(records), bs):
-        chunk = records[i:i + bs]
-        rows = {k: [r[k] for r in chunk] for k in ("image_id", "path", "file_name", "height", "width")}
-        rows["annotations"] = [json.dumps(r["annotations"]) for r in chunk]
-        batches.append(decode_batch(rows, cfg["data"]["s3"], train=True, augment=cfg["data"]["augment"]))
     gflops = matmul_gflops()
     plain = {w: [] for w in windows}
     ray_step = {w: [] for w in windows}
