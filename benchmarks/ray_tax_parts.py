@@ -17,8 +17,8 @@ and allocator policy) over one epoch of STEPS batches of the default job's confi
   streamed    the same, streamed as `mrcnn-train` streams it
 
 Each repeat runs the sides in that order, with a fresh Ray instance for `beside-core` and
-another for the rest. Printed and written as
-JSON: per side, the median step time of each window and its ratio to the plain side, and, for
+another for the rest. Printed and written as JSON: per side, the median step time of each window
+and its ratio to the plain side (the JSON also holds every repeat's times: runs drift), and, for
 the Ray Train sides, the training worker's share of the cores (middle half of its life) beside
 the share of everything else (`ray_overhead.CpuSampler`), with the fp32 matrix-product rate
 measured before and after.
@@ -179,7 +179,7 @@ def main() -> None:
     gflops.append(matmul_gflops())
     rows = {}
     for side in SIDES:
-        row: dict[str, Any] = {}
+        row: dict[str, Any] = {"runs": times[side]}
         for i, w in enumerate(windows):
             med = statistics.median(x[i] for x in times[side])
             row[w] = {"step_s": med, "ratio": med / statistics.median(x[i] for x in times["plain"])}
