@@ -188,12 +188,18 @@ def in_process(cfg: dict, batches: Iterable[dict], windows: list[tuple[int, int]
     return [(times[b] - times[a]) / (b - a) for a, b in windows]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def window_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every Ray tax benchmark takes: the epoch's steps, the two windows, repeats."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--skip", type=int, default=10)
     p.add_argument("--startup", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
+    return p
+
+
+def main() -> None:
+    p = window_parser(__doc__)
     p.add_argument("--background", type=int, default=0, metavar="N",
                    help="also time the plain process beside N processes waking like Ray's idle workers")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/ray_overhead.json"))

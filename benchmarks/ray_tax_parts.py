@@ -26,7 +26,6 @@ measured before and after.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -46,7 +45,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import matmul_gflops  # noqa: E402
-from ray_overhead import CpuSampler, in_process, job_batches  # noqa: E402
+from ray_overhead import CpuSampler, in_process, job_batches, window_parser  # noqa: E402
 
 from workflows.data import ExactSplitDataConfig, image_dataset  # noqa: E402
 from workflows.trainer import init_ray, load_training_data  # noqa: E402
@@ -146,11 +145,7 @@ def local_ray(core_only: bool):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--skip", type=int, default=10)
-    p.add_argument("--startup", type=int, default=60)
-    p.add_argument("--repeats", type=int, default=3)
+    p = window_parser(__doc__)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/ray_tax_parts.json"))
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
