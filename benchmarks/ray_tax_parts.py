@@ -131,14 +131,18 @@ def local_ray(core_only: bool):
     seconds after `ray.shutdown`, taking half the cores: the next plain side must run alone)."""
     before = set(psutil.pids())
     no_prestart = {"RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0"} if core_only else {}
+    saved = {key: os.environ.get(key) for key in no_prestart}
     os.environ.update(no_prestart)
     try:
         init_ray(None, dashboard=not core_only)
         yield
     finally:
         ray.shutdown()
-        for key in no_prestart:
-            del os.environ[key]
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
         _, alive = psutil.wait_procs(ray_processes(before), timeout=30)
         for proc in alive:
             proc.kill()
