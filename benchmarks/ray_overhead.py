@@ -61,8 +61,8 @@ def window_mean(history: dict[int, float], shares: dict[int, float], skip: int, 
 
 
 class CpuSampler(threading.Thread):
-    """Every process's CPU seconds (user + system) every `every` s, until stopped (a sweep reads
-    two small /proc files a process, so the sampler's own share stays small)."""
+    """Every process's CPU seconds (user + system) every `every` s, while in its `with` block (a
+    sweep reads two small /proc files a process, so the sampler's own share stays small)."""
 
     def __init__(self, every: float = 5.0):
         super().__init__(daemon=True)
@@ -78,6 +78,14 @@ class CpuSampler(threading.Thread):
         except psutil.Error:
             name = "?"
         return name[:40]
+
+    def __enter__(self) -> CpuSampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join()
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -97,6 +105,8 @@ class CpuSampler(threading.Thread):
             return {}
         lo, hi = alive[0] + (alive[-1] - alive[0]) / 4, alive[-1] - (alive[-1] - alive[0]) / 4
         window = [(t, snap) for t, snap in self.samples if lo <= t <= hi]
+        if len(window) < 2:  # a worker too short-lived to sample its middle half
+            return {}
         (t0, a), (t1, b) = window[0], window[-1]
         out: dict[str, float] = defaultdict(float)
         for pid, (name, cpu) in b.items():
@@ -128,15 +138,10 @@ def beside_background(n: int, fn, *args):
 
 def in_ray(work: Path, steps: int, windows: list[tuple[int, int]], overrides: list[str]
            ) -> tuple[list[tuple[float, float]], dict[str, float]]:
-    sampler = CpuSampler()
-    sampler.start()
-    try:
+    with CpuSampler() as sampler:
         client, run, _ = train_job(work / f"ray-{time.time_ns()}", [
             f"data.root={work / 'shapes'}", "trainer.epochs=1", f"trainer.max_steps={steps}",
             "tracking.log_images=0", "run_name=overhead", *overrides])
-    finally:
-        sampler.stop.set()
-        sampler.join()
     step_s = {m.step: m.value for m in client.get_metric_history(run, "system/step_s")}
     share = {m.step: m.value for m in client.get_metric_history(run, "system/data_wait_share")}
     return [window_mean(step_s, share, a, b) for a, b in windows], sampler.shares()

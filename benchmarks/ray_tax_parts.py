@@ -48,7 +48,7 @@ from common import matmul_gflops  # noqa: E402
 from ray_overhead import CpuSampler, in_process, job_batches, window_parser  # noqa: E402
 
 from workflows.data import ExactSplitDataConfig, image_dataset  # noqa: E402
-from workflows.trainer import init_ray, load_training_data  # noqa: E402
+from workflows.trainer import TrainingData, init_ray, load_training_data  # noqa: E402
 
 SIDES = ("plain", "beside-core", "beside-ray", "train", "pulled", "streamed")
 TRAIN_SIDES = SIDES[3:]
@@ -84,13 +84,12 @@ def worker_loop(config: dict[str, Any]) -> None:
     Path(config["out"]).write_text(json.dumps(loop(cfg, batches, config["windows"])))
 
 
-def in_train(side: str, cfg: dict, batches_ref, work: Path, steps: int, windows: list[tuple[int, int]]
-             ) -> tuple[list[float], dict[str, float]]:
+def in_train(side: str, cfg: dict, data: TrainingData, batches_ref, work: Path, steps: int,
+             windows: list[tuple[int, int]]) -> tuple[list[float], dict[str, float]]:
     """One Ray Train side: its window times and the CPU shares while it ran."""
     out = work / f"{side}-{time.time_ns()}.json"
     datasets: dict[str, Any] = {}
     if side != "train":
-        data = load_training_data(cfg)
         datasets = {"dataset_config": ExactSplitDataConfig(),
                     "datasets": {"train": image_dataset(data.train, cfg["data"], train=True),
                                  "val": image_dataset(data.val, cfg["data"], train=False)}}
@@ -102,13 +101,8 @@ def in_train(side: str, cfg: dict, batches_ref, work: Path, steps: int, windows:
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg["trainer"]["cpus_per_worker"]}),
         run_config=RunConfig(name=f"{side}-{time.time_ns()}", storage_path=str(work / "ray_results")),
         **datasets)
-    sampler = CpuSampler(every=2.0)
-    sampler.start()
-    try:
+    with CpuSampler(every=2.0) as sampler:
         trainer.fit()
-    finally:
-        sampler.stop.set()
-        sampler.join()
     return json.loads(out.read_text()), sampler.shares()
 
 
@@ -157,6 +151,7 @@ def main() -> None:
     spans = list(windows.values())
     work = Path(tempfile.mkdtemp(prefix="mrcnn-bench-tax-parts-"))
     cfg, _, batches = job_batches(work, a.steps, a.overrides)
+    data = load_training_data(cfg)
     gflops = [matmul_gflops()]
     times: dict[str, list[list[float]]] = {side: [] for side in SIDES}
     worker_share: dict[str, list[float]] = {side: [] for side in TRAIN_SIDES}
@@ -169,7 +164,7 @@ def main() -> None:
             times["beside-ray"].append(in_process(cfg, batches, spans))
             ref = ray.put(batches)
             for side in TRAIN_SIDES:
-                t, shares = in_train(side, cfg, ref, work, a.steps, spans)
+                t, shares = in_train(side, cfg, data, ref, work, a.steps, spans)
                 times[side].append(t)
                 worker = sum(v for k, v in shares.items() if k.startswith("ray::RayTrainWorker"))
                 worker_share[side].append(worker)
