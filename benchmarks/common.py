@@ -31,7 +31,7 @@ def train_job(out: Path, overrides: list[str]) -> tuple[MlflowClient, str, float
     Ray); returns the client of its MLflow store, its run id and the wall time in seconds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     t0 = time.time()
-    done = subprocess.run([sys.executable, "-m", "workflows.train", f"output_dir={out}", *overrides], cwd=ROOT,
+    done = subprocess.run([str(Path(sys.executable).parent / "mrcnn-train"), f"output_dir={out}", *overrides], cwd=ROOT,
                           env=env, capture_output=True, text=True)
     wall = time.time() - t0
     if done.returncode:

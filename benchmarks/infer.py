@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import matmul_gflops  # noqa: E402
-from jobs import compose_job  # noqa: E402
-from memory import PeakMemory  # noqa: E402
+from helpers.jobs import compose_job  # noqa: E402
+from helpers.memory import PeakMemory  # noqa: E402
 
 from mrcnn import build_model  # noqa: E402
 from mrcnn.checkpoint import save_checkpoint  # noqa: E402

@@ -21,7 +21,7 @@ import ray
 
 from mrcnn.data.shapes import write_shapes_dataset
 from workflows.config import AugmentConfig, DataConfig
-from workflows.data import image_dataset, load_split
+from workflows.ingest import image_dataset, load_split
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_gflops  # noqa: E402
-from oracle import make_pair  # noqa: E402
+from helpers.oracle import make_pair  # noqa: E402
 
 from workflows.allocator import reuse_large_blocks  # noqa: E402
 

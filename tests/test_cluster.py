@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import ray
-from jobs import tiny
+from helpers.jobs import tiny
+from helpers.servers import ray_head
 from mlflow.tracking import MlflowClient
-from servers import ray_head
 
 from workflows.train import run
 
+BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def test_two_jobs_submitted_to_one_ray_head_at_once(gapped_shapes, tmp_path, mon
     with ray_head(num_cpus=4) as dashboard:
         client = JobSubmissionClient(dashboard)
         jobs = [submit(
-            client, entrypoint=f"{sys.executable} -m workflows.train " + " ".join(f"'{o}'" for o in overrides),
+            client, entrypoint=f"{BIN / 'mrcnn-train'} " + " ".join(f"'{o}'" for o in overrides),
             runtime_env={"working_dir": str(REPO),
                          "excludes": ["/.venv", "/.git", "/outputs", "/data", "/benchmarks/results", "*.db"]},
         ) for _ in range(2)]

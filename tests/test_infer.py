@@ -13,17 +13,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from jobs import compose_job
-from s3server import s3_server, set_credentials, upload_folder
-from servers import kill_job, kill_processes_mentioning
-from stores import make_store
+from helpers.jobs import compose_job
+from helpers.s3server import s3_server, set_credentials, upload_folder
+from helpers.servers import kill_job, ray_temp_dir, remove_ray_temp_dir
+from helpers.stores import make_store
 
 from mrcnn import build_model
 from mrcnn.data.images import decode_image
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from workflows import infer
+from workflows.config import validate
 from workflows.engine import predict_images, set_detection_limits
-from workflows.model_io import load_model, log_model, register_model
+from workflows.inference.outputs import safe_name
+from workflows.registry import load_model, log_model, register_model
 from workflows.tracking import mlflow_client, start_or_resume_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,9 +194,9 @@ def test_safe_overlay_names_stay_inside_the_output():
     root = "/data/store/"
     for path in ["/data/store/../../etc/passwd", "/data/store/a/../../b.png", "/elsewhere/x.png",
                  "/data/store/..", "s3://bucket/../../x.jpg", "/data/store/ünïcode name.jpg"]:
-        name = infer.safe_name(path, root)
+        name = safe_name(path, root)
         assert "/" not in name and not name.startswith(".") and name
-    assert infer.safe_name("/data/store/a/b c.jpg", root) == "a__b_c.jpg"
+    assert safe_name("/data/store/a/b c.jpg", root) == "a__b_c.jpg"
 
 
 @pytest.mark.slow
@@ -208,12 +210,12 @@ def test_killed_infer_job_reruns_to_exactly_one_row_per_input(registered, gapped
 
     root = write_shapes_dataset(tmp_path / "many", train=1, val=120, size=64, seed=3) / "val"
     out = tmp_path / "rows"
-    temp = Path(f"/tmp/ri{os.getpid()}")
-    args = [sys.executable, "-m", "workflows.infer", f"output_dir={tmp_path}",
+    temp = ray_temp_dir("ri")
+    args = [str(Path(sys.executable).parent / "mrcnn-infer"), f"output_dir={tmp_path}",
             f"tracking.tracking_uri={registered['uri']}", f"infer.input={root}", f"infer.output={out}",
             "infer.model=models:/shapes-infer@champion", "infer.batch_size=2", "infer.rows_per_file=2",
             "infer.overlays=0", *LIMITS]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     env.update(RAY_TMPDIR=str(temp), PYTHONPATH=str(REPO))
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -224,7 +226,7 @@ def test_killed_infer_job_reruns_to_exactly_one_row_per_input(registered, gapped
         assert proc.poll() is None, "the job finished before it could be killed"
         kill_job(proc, str(temp))
     finally:
-        kill_processes_mentioning(str(temp))
+        remove_ray_temp_dir(temp)
     partial = rows_of(out)
     assert 0 < len(partial) < 120
     (out / "cut-short.parquet").write_bytes(b"PAR1" + b"\0" * 100)  # a write cut off mid-file
@@ -239,7 +241,7 @@ def test_killed_infer_job_reruns_to_exactly_one_row_per_input(registered, gapped
         assert again.returncode == 0 and "segmented 0 images" in again.stdout
         assert sorted(out.glob("*.parquet")) == files
     finally:
-        kill_processes_mentioning(str(temp))
+        remove_ray_temp_dir(temp)
 
 
 @pytest.mark.slow
@@ -267,29 +269,24 @@ def test_two_node_cluster_runs_predictors_on_both_nodes(registered, store, tmp_p
         cluster.shutdown()
 
 
-@pytest.mark.slow
 def test_predictors_that_would_leave_no_cpu_for_decoding_are_refused(registered, store, tmp_path):
-    """On this machine, predictors holding every CPU would starve the decode tasks: the job
-    would wait forever. It stops with the keys to change instead."""
-    import ray
-
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        cfg = job(tmp_path, str(store[0]), str(tmp_path / "rows"), registered, "infer.concurrency=2")
-        with pytest.raises(ValueError, match=r"infer.concurrency=2 x infer.cpus_per_actor=1 = 2 CPUs .* this "
-                                             r"machine's 2 CPUs"):
-            infer.run(cfg)
-    finally:
-        ray.shutdown()
+    """On a 2-CPU machine, predictors holding every CPU would starve the decode tasks: the job
+    would wait forever. The check names the keys to change (the job makes it on starting Ray)."""
+    cfg = job(tmp_path, str(store[0]), str(tmp_path / "rows"), registered, "infer.concurrency=2")
+    validate(cfg, "infer")  # without the machine's size: fine
+    with pytest.raises(ValueError, match=r"infer.concurrency=2 x infer.cpus_per_actor=1 = 2 CPUs .* this "
+                                         r"machine's 2 CPUs"):
+        validate(cfg, "infer", cpus=2)
+    validate(cfg, "infer", cpus=3)
 
 
+@pytest.mark.slow
 def test_two_thousand_images_on_two_actors_flat_memory_one_row_each(registered, tmp_path):
     """The load the benchmark measures, as a test: 2,000 files, two predictor actors. Memory of
     the driver and every Ray process in the second half of the run stays within 15 % of the first
     half's peak (actors and model loads included there): nothing grows with the images done."""
     import ray
-    from memory import PeakMemory
+    from helpers.memory import PeakMemory
 
     from mrcnn.data.shapes import write_shapes_dataset
 

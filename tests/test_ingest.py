@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from s3server import s3_server, set_credentials, upload_folder
+from helpers.s3server import s3_server, set_credentials, upload_folder
 
 from mrcnn.masks import decode_rle_masks
 from workflows.config import DataConfig
-from workflows.data import (
+from workflows.ingest import (
     ExactSplitDataConfig,
     batch_to_model_inputs,
     image_dataset,

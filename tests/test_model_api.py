@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import make_pair
+from helpers.oracle import make_pair
 from test_model_learning import small_config
 
 from mrcnn import MaskRCNN, ModelConfig, build_model
@@ -194,13 +194,16 @@ def test_norm_folded_into_convolutions_equals_the_resnet_forward(frozen_bn):
     ours = backbone.body(x)
     body, h = backbone.body, x
     h = body["maxpool"](torch.relu(body["bn1"](body["conv1"](h))))
+    # Tolerances relative to each tensor's largest value: float64 rounding of the two orders of
+    # operations measured at most 5e-15 of it forward and 1e-15 for the gradient (1 and 2
+    # threads, 3 seeds, channels-last on and off); an unfolded or misfolded norm is off by 1e-2.
     for i, stage in enumerate(("layer1", "layer2", "layer3", "layer4")):
         h = body[stage](h)  # torchvision's own block forward: conv, norm, ReLU, unfolded
-        torch.testing.assert_close(ours[str(i)], h, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ours[str(i)], h, rtol=0, atol=1e-12 * h.abs().max().item())
     weight = body["layer3"][0].conv2.weight  # a trainable weight: the fold passes its gradient
     grad_ours, = torch.autograd.grad(ours["3"].sum(), weight)
     grad_ref, = torch.autograd.grad(h.sum(), weight)
-    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=1e-12 * grad_ref.abs().max().item())
 
 
 def test_stage_memory_format_follows_the_map_size():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import make_pair
+from helpers.oracle import make_pair
 
 from mrcnn.masks import encode_masks
 
@@ -79,11 +79,14 @@ def _targets():
     ]
 
 
-def test_training_losses_and_gradients_match_torchvision():
+@pytest.mark.parametrize("channels_last", [True, False])  # the jobs' default, and plain NCHW
+def test_training_losses_and_gradients_match_torchvision(channels_last):
     # Sampling is made identical by seeding (ours draws random numbers in torchvision's order).
     # float64, so that the comparison sees the math and not float32 summation order (our CPU
-    # RoIAlign backward is a sparse product, torchvision's a scatter loop).
-    tv, ours = make_pair("resnet50", channels_last=False)
+    # RoIAlign backward is a sparse product, torchvision's a scatter loop). Measured: losses
+    # within 2e-15 relative, gradients within 6e-15 of their largest value (1 and 2 threads, two
+    # seeds, both memory formats), far inside the tolerances below.
+    tv, ours = make_pair("resnet50", channels_last=channels_last)
     tv.double().train()
     ours.double().train()
     images = [im.double() for im in _images(IMAGES[:2])]

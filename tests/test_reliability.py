@@ -7,12 +7,12 @@ import pickle
 
 import pytest
 import torch
-from jobs import compose_job, tiny
-from servers import free_port
+from helpers.jobs import compose_job, tiny
+from helpers.servers import free_port
 
 from mrcnn.checkpoint import UnsafeWeightsError, load_checkpoint, load_torchvision_weights, load_weights_file
 from mrcnn.data.images import ImageDecodeError, decode_image
-from workflows.model_io import read_model_dir, write_model_dir
+from workflows.registry import read_model_dir, write_model_dir
 from workflows.train import run
 
 
@@ -42,8 +42,30 @@ def test_a_pickle_with_code_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
 
-def test_mlflow_never_unpickles_in_the_tests():
-    assert os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION") == "false"
+def test_mlflow_refuses_a_pickled_model_here_and_in_ray_workers(ray_local, tmp_path):
+    """The suite runs as a cautious deployment: MLflow refuses to unpickle a model, in the tests'
+    process and in the Ray workers the jobs run in (they inherit the setting)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    path = str(tmp_path / "pickled")
+    mlflow.pyfunc.save_model(path, python_model=Echo())
+    with pytest.raises(MlflowException, match="MLFLOW_ALLOW_PICKLE_DESERIALIZATION"):
+        mlflow.pyfunc.load_model(path)
+
+    @ray_local.remote
+    def load_in_a_worker(p: str) -> str:
+        try:
+            mlflow.pyfunc.load_model(p)
+        except MlflowException as e:
+            return str(e)
+        return "loaded"
+
+    assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION" in ray_local.get(load_in_a_worker.remote(path))
 
 
 def test_unreachable_tracking_server_fails_before_training(gapped_shapes, tmp_path):

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from jobs import compose_job
+from helpers.jobs import compose_job
+from helpers.servers import kill_job, mlflow_server, ray_temp_dir, remove_ray_temp_dir
 from mlflow.tracking import MlflowClient
-from servers import kill_job, kill_processes_mentioning, mlflow_server
 
 from mrcnn.checkpoint import load_weights_file
-from workflows import registry, tune
-from workflows.model_io import load_model, log_model
+from workflows import promote, sweep
+from workflows.cli import models as models_cli
+from workflows.registry import load_model, log_model
 from workflows.tracking import start_or_resume_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_bad_sweep_space_fails_before_ray(override, message, gapped_shapes, tmp_
     ray.shutdown()
     cfg = compose_job([f"output_dir={tmp_path}", f"data.root={gapped_shapes}", *TINY, override])
     with pytest.raises(ValueError, match=message):
-        tune.run(cfg)
+        sweep.run(cfg)
     assert not ray.is_initialized()
 
 
@@ -66,7 +67,7 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
             "+sweep.space.trainer.optimizer.lr={grid:[2e-3,1e-9]}", "sweep.num_samples=2",
             "sweep.metric=epoch_loss_classifier", "sweep.mode=min", "sweep.max_concurrent_trials=2",
             "sweep.scheduler.max_epochs=3", "sweep.scheduler.grace_period=1", "sweep.scheduler.reduction_factor=2"])
-        out = tune.run(cfg)
+        out = sweep.run(cfg)
         client = MlflowClient(url)
         rows = out["rows"]
         assert len(rows) == 4 and {r["trainer.optimizer.lr"] for r in rows} == {2e-3, 1e-9}
@@ -126,18 +127,18 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
         blind_run = start_or_resume_run(url, "maskrcnn", "blind", {"model": payload["model_config"]})
         log_model(client, blind_run, payload)
         blind = registry_version(client, url, blind_run, eval_overrides)
-        registry.main(["--tracking-uri", url, "alias", "shapes-sweep", blind, "champion", "--", *eval_overrides])
-        registry.main(["--tracking-uri", url, "alias", "shapes-sweep", str(mv.version), "candidate", "--",
+        models_cli(["--tracking-uri", url, "alias", "shapes-sweep", blind, "champion", "--", *eval_overrides])
+        models_cli(["--tracking-uri", url, "alias", "shapes-sweep", str(mv.version), "candidate", "--",
                        *eval_overrides])
-        better = registry.promote(client, url, "shapes-sweep", registry.job_config(eval_overrides),
-                                  metric="segm_AP50")
+        judge = compose_job([*eval_overrides, f"tracking.tracking_uri={url}"])
+        better = promote.run(judge, "shapes-sweep", metric="segm_AP50")
         assert better["champion_segm_AP50"] == 0 and better["candidate_segm_AP50"] > 0, better
         assert better["decision"] == f"promoted version {mv.version}"
         assert client.get_model_version_by_alias("shapes-sweep", "champion").version == mv.version
 
         worse_version = registry_version(client, url, blind_run, eval_overrides)  # alias candidate
-        worse = registry.promote(client, url, "shapes-sweep", registry.job_config(eval_overrides),
-                                 metric="segm_AP50")
+        worse = promote.run(compose_job([*eval_overrides, f"tracking.tracking_uri={url}"]), "shapes-sweep",
+                            metric="segm_AP50")
         assert worse["decision"].startswith(f"kept version {mv.version}") and worse["candidate"] == worse_version
         assert client.get_model_version_by_alias("shapes-sweep", "champion").version == mv.version
         promo = client.get_run(worse["run_id"])
@@ -174,7 +175,7 @@ def its_own_ground_truth(model, src: Path, dst: Path) -> Path:
 
 def registry_version(client, url: str, run_id: str, overrides: list[str]) -> str:
     """`mrcnn-models register RUN_ID shapes-sweep`; returns the new version."""
-    registry.main(["--tracking-uri", url, "register", run_id, "shapes-sweep", "--", *overrides])
+    models_cli(["--tracking-uri", url, "register", run_id, "shapes-sweep", "--", *overrides])
     return str(client.get_model_version_by_alias("shapes-sweep", "candidate").version)
 
 
@@ -187,12 +188,12 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(gapped_sh
     ray.shutdown()
     out = tmp_path / "out"
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    temp = Path(f"/tmp/rt{os.getpid()}")  # the Ray instances of this test only (short: socket paths)
-    args = [sys.executable, "-m", "workflows.tune", f"output_dir={out}", f"data.root={gapped_shapes}", *TINY,
+    temp = ray_temp_dir("rt")  # the Ray instances of this test only (short: socket paths)
+    args = [str(Path(sys.executable).parent / "mrcnn-tune"), f"output_dir={out}", f"data.root={gapped_shapes}", *TINY,
             f"tracking.tracking_uri={db}", "sweep.name=resume", "~sweep.space.model",
             "+sweep.space.trainer.optimizer.lr={grid:[1e-3,2e-3]}", "sweep.scheduler.max_epochs=2",
             "sweep.scheduler.grace_period=2", "sweep.max_concurrent_trials=1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     env.update(RAY_TMPDIR=str(temp), PYTHONPATH=str(REPO))
     log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -214,12 +215,12 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(gapped_sh
         kill_job(proc, str(temp))
     finally:
         log.close()
-        kill_processes_mentioning(str(temp))
+        remove_ray_temp_dir(temp)
 
     try:
         second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
-        kill_processes_mentioning(str(temp))
+        remove_ray_temp_dir(temp)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming sweep resume" in second.stdout + second.stderr
     client = MlflowClient(db)

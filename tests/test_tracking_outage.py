@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import pytest
-from jobs import tiny
-from servers import free_port, mlflow_server
+from helpers.jobs import tiny
+from helpers.servers import free_port, mlflow_server
 
 from workflows.tracking import RunLogger, experiment_id, mlflow_client
 from workflows.train import run

@@ -5,13 +5,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from jobs import compose_job, tiny
+from helpers.jobs import compose_job, tiny
+from helpers.servers import mlflow_server
 from mlflow.tracking import MlflowClient
-from servers import mlflow_server
 
-from workflows.model_io import load_model
+from workflows.config import validate
+from workflows.registry import load_model
 from workflows.train import run
-from workflows.trainer import prepare
 
 
 def test_default_composition_and_groups():
@@ -42,7 +42,7 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override, message):
 ])
 def test_invalid_values_fail_before_ray(override, message):
     with pytest.raises(ValueError, match=message):
-        prepare(compose_job([override]))
+        validate(compose_job([override]), "train")
 
 
 @pytest.mark.slow
@@ -110,8 +110,10 @@ def test_missing_image_stops_the_job_before_training(ray_local, gapped_shapes, t
 
 @pytest.mark.slow
 def test_recovers_from_a_killed_worker(ray_local, gapped_shapes, tmp_path):
-    """Kill the training worker after the first checkpoint: Ray Train restarts it from there and
-    the job finishes, into the same MLflow run."""
+    """Kill this job's training worker after its first checkpoint: Ray Train restarts it from
+    there (a new worker process, the run tagged with the resume) and the job finishes into the
+    same MLflow run with every step logged once."""
+    import contextlib
     import signal
     import threading
     import time
@@ -126,17 +128,22 @@ def test_recovers_from_a_killed_worker(ray_local, gapped_shapes, tmp_path):
     deadline = time.time() + 300
     while not list(runs.glob("checkpoint_*/checkpoint.pt")) and time.time() < deadline:
         time.sleep(0.5)
-    victims = [p for p in psutil.process_iter(["cmdline"])
-               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-    assert victims, "no training worker process found"
-    for p in victims:
-        p.send_signal(signal.SIGKILL)
+
+    victims = []  # this test's own Ray instance runs under this process: its workers are descendants
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("RayTrainWorker" in part for part in p.cmdline()):
+                victims.append(p)
+    assert len(victims) == 1, victims
+    victims[0].send_signal(signal.SIGKILL)
     thread.join(timeout=600)
     assert result, "the job did not finish after the worker was killed"
     assert result["metrics"]["epoch"] == 2
     client = MlflowClient(result["tracking_uri"])
     exp = client.get_experiment_by_name("maskrcnn")
-    assert len(client.search_runs([exp.experiment_id], filter_string="tags.ray_run_name = 'kill'")) == 1
+    found = client.search_runs([exp.experiment_id], filter_string="tags.ray_run_name = 'kill'")
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    assert found[0].data.tags["resumed_from"].startswith("epoch 0 step "), found[0].data.tags
     # The steps redone after the restart are in the history once; none is missing.
     steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "train/loss"))
     assert steps == list(range(1, result["metrics"]["step"] + 1))
@@ -153,16 +160,17 @@ def test_killed_driver_reruns_into_the_same_run_from_its_checkpoint(gapped_shape
     from pathlib import Path
 
     import ray
-    from servers import kill_job, kill_processes_mentioning
+    from helpers.servers import kill_job, ray_temp_dir, remove_ray_temp_dir
 
     ray.shutdown()
     repo = Path(__file__).resolve().parents[1]
     db = tmp_path / "mlflow.db"
-    args = [sys.executable, "-m", "workflows.train", f"output_dir={tmp_path / 'out'}", f"data.root={gapped_shapes}",
-            "data.generate=null", "model.transform.min_size=[64]", "model.transform.max_size=64",
+    args = [str(Path(sys.executable).parent / "mrcnn-train"), f"output_dir={tmp_path / 'out'}",
+            f"data.root={gapped_shapes}", "data.generate=null", "model.transform.min_size=[64]",
+            "model.transform.max_size=64",
             "trainer.batch_size=2", "trainer.epochs=6", "trainer.log_every_steps=1",
             f"tracking.tracking_uri=sqlite:///{db}", "run_name=crash"]
-    temp = Path(f"/tmp/rk{os.getpid()}")
+    temp = ray_temp_dir("rk")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     env.update(RAY_TMPDIR=str(temp))
     runs = tmp_path / "out" / "ray_results" / "crash"
@@ -178,7 +186,7 @@ def test_killed_driver_reruns_into_the_same_run_from_its_checkpoint(gapped_shape
         kill_job(proc, str(temp))
         again = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     finally:
-        kill_processes_mentioning(str(temp))
+        remove_ray_temp_dir(temp)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resumed from epoch" in again.stdout + again.stderr
     client = MlflowClient(f"sqlite:///{db}")
@@ -199,3 +207,56 @@ def test_undecodable_training_image_is_skipped_counted_and_logged(ray_local, gap
     client = MlflowClient(result["tracking_uri"])
     assert client.get_run(result["run_id"]).data.metrics["train/images_skipped"] == 1
     assert result["metrics"]["step"] == 4  # the 7 good images in batches of 2
+
+
+@pytest.mark.slow
+def test_a_crashed_job_ends_failed_and_an_interrupted_one_killed(ray_local, gapped_shapes, tmp_path):
+    """A job whose training blows up ends its MLflow run FAILED with the error as a tag; a job
+    stopped with Ctrl-C (SIGINT to `mrcnn-train`) ends it KILLED and exits non-zero."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from helpers.servers import ray_temp_dir, remove_ray_temp_dir
+
+    cfg = tiny(tmp_path / "out", gapped_shapes, "trainer.optimizer.lr=1e12", "run_name=diverges")
+    with pytest.raises(Exception, match="loss is"):
+        run(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("maskrcnn").experiment_id
+    crashed = client.search_runs([exp], filter_string="tags.ray_run_name = 'diverges'")[0]
+    assert crashed.info.status == "FAILED" and "loss is" in crashed.data.tags["error"], crashed.data.tags
+
+    db = tmp_path / "interrupted.db"
+    args = [str(Path(sys.executable).parent / "mrcnn-train"), f"output_dir={tmp_path / 'out2'}",
+            f"data.root={gapped_shapes}", "data.generate=null", "model.transform.min_size=[64]",
+            "model.transform.max_size=64", "trainer.batch_size=2", "trainer.epochs=20", "trainer.log_every_steps=1",
+            f"tracking.tracking_uri=sqlite:///{db}", "run_name=stopped"]
+    temp = ray_temp_dir("rs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    env.update(RAY_TMPDIR=str(temp))
+    log_path = tmp_path / "stopped.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and " step 2/" not in log_path.read_text():
+            time.sleep(0.5)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        remove_ray_temp_dir(temp)
+    output = log_path.read_text()
+    assert code != 0, output[-3000:]
+    stopped = MlflowClient(f"sqlite:///{db}")
+    found = stopped.search_runs([stopped.get_experiment_by_name("maskrcnn").experiment_id],
+                                filter_string="tags.ray_run_name = 'stopped'")
+    assert len(found) == 1 and found[0].info.status == "KILLED", output[-3000:]
+    assert "MLflow run stopped (KILLED)" in output

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from browser import CHROMIUM, capture, ui_pages
-from servers import kill_processes_mentioning, mlflow_server
-
-from notebooks import outputs, run_notebook, stdout
+from helpers.browser import CHROMIUM, capture, ui_pages
+from helpers.notebooks import outputs, run_notebook, stdout
+from helpers.servers import mlflow_server, ray_temp_dir, remove_ray_temp_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,7 +68,7 @@ def guide(tmp_path_factory):
 
     ray.shutdown()
     cwd = tmp_path_factory.mktemp("guide")
-    temp = Path(f"/tmp/rg{os.getpid()}")  # short: Ray's socket paths must fit 107 bytes
+    temp = ray_temp_dir("rg")  # short: Ray's socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_TMPDIR=str(temp))
     shapes = cwd / "outputs/data/shapes"
@@ -87,7 +86,7 @@ def guide(tmp_path_factory):
                 break
         yield {"cwd": cwd, "runs": runs, "uri": f"sqlite:///{cwd / 'outputs/mlflow.db'}"}
     finally:
-        kill_processes_mentioning(str(temp))
+        remove_ray_temp_dir(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -7,10 +7,12 @@ when Hydra composes; `validate` checks values before any Ray work.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -194,6 +196,8 @@ class JobConfig:
     seed: int = 0
     # Ray address: None starts or joins a local instance ("auto" under `ray job submit`).
     ray_address: Optional[str] = None
+    # Ray's and pycocotools' routine output on the console too (it always goes to the job's log).
+    verbose: bool = False
 
 
 def register_configs() -> None:
@@ -206,17 +210,70 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
-def validate(cfg: dict[str, Any]) -> None:
-    """Value checks Hydra's types cannot express; raise ValueError naming the key."""
-    ModelConfig.from_dict(cfg["model"]).validate()
+def training_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config without the keys of other jobs (sweep, infer): a training run's params."""
+    return {k: v for k, v in cfg.items() if k not in ("sweep", "infer")}
+
+
+def compose_config(overrides: list[str]) -> dict[str, Any]:
+    """The job config from Hydra overrides, outside `@hydra.main` (mrcnn-models, notebooks)."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_container(compose(config_name="config", overrides=overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks: every one a job makes before any Ray work, in one place.
+
+JOBS = ("train", "tune", "evaluate", "promote", "infer")
+SPACE_KINDS = ("choice", "grid", "uniform", "loguniform")
+
+
+def validate(cfg: dict[str, Any], job: str = "train", cpus: float | None = None) -> None:
+    """Value checks Hydra's types cannot express, for `job` (one of JOBS); raise ValueError
+    naming every key that is wrong. With `cpus` (a local Ray instance's), also whether the job
+    fits on it."""
+    if job not in JOBS:
+        raise ValueError(f"unknown job {job!r}: one of {', '.join(JOBS)}")
+    errors = model_errors(cfg) + data_errors(cfg["data"])
+    if job in ("train", "tune"):
+        errors += trainer_errors(cfg["trainer"])
+    if job == "tune":
+        errors += sweep_errors(cfg)
+    if job == "infer":
+        errors += infer_errors(cfg["infer"], cpus)
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def model_errors(cfg: dict[str, Any]) -> list[str]:
+    model = cfg["model"]
+    if model["num_classes"] == 0:  # filled from the dataset later; check the rest
+        model = {**model, "num_classes": 2}
+    try:
+        ModelConfig.from_dict(model).validate()
+    except ValueError as e:
+        lines = str(e).splitlines()
+        return [line.strip() for line in lines[1:]] if len(lines) > 1 else lines
+    return []
+
+
+def data_errors(data: dict[str, Any]) -> list[str]:
     errors = []
-    data, trainer = cfg["data"], cfg["trainer"]
     if data["missing_images"] not in ("error", "skip"):
         errors.append(f"data.missing_images={data['missing_images']!r} must be 'error' or 'skip'")
     if not 0 <= data["augment"]["hflip_prob"] <= 1:
         errors.append("data.augment.hflip_prob must be in [0, 1]")
     if any(s <= 0 for s in data["augment"]["scales"]):
         errors.append(f"data.augment.scales={data['augment']['scales']} must be positive")
+    for key in ("decode_batch_size", "decode_concurrency"):
+        if data[key] <= 0:
+            errors.append(f"data.{key}={data[key]} must be > 0")
+    return errors
+
+
+def trainer_errors(trainer: dict[str, Any]) -> list[str]:
+    errors = []
     for key in ("num_workers", "epochs", "batch_size", "cpus_per_worker", "log_every_steps",
                 "num_to_keep", "checkpoint_every_epochs", "eval_every_epochs"):
         if trainer[key] <= 0:
@@ -233,5 +290,101 @@ def validate(cfg: dict[str, Any]) -> None:
         errors.append(f"trainer.optimizer.lr={opt['lr']} must be > 0")
     if any(not 0 < m < 1 for m in opt["milestones"]):
         errors.append("trainer.optimizer.milestones are fractions of the run, each in (0, 1)")
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    return errors
+
+
+def infer_errors(infer: dict[str, Any], cpus: float | None) -> list[str]:
+    errors = []
+    for key in ("input", "output"):
+        if not infer[key]:
+            errors.append(f"infer.{key} is not set: give a folder or s3:// prefix, e.g. infer.{key}=/data/images")
+    for key in ("batch_size", "concurrency", "decode_concurrency", "max_pixels", "rows_per_file"):
+        if infer[key] <= 0:
+            errors.append(f"infer.{key}={infer[key]} must be > 0")
+    if not 0 <= infer["score_threshold"] <= 1:
+        errors.append(f"infer.score_threshold={infer['score_threshold']} must be in [0, 1]")
+    # The predictor actors hold their CPUs for the whole job: they must leave half a CPU for a
+    # decode task and a quarter for a write task, or the job waits forever.
+    held = infer["concurrency"] * infer["cpus_per_actor"]
+    if cpus is not None and held + 0.75 > cpus:
+        errors.append(f"infer.concurrency={infer['concurrency']} x infer.cpus_per_actor={infer['cpus_per_actor']:g} "
+                      f"= {held:g} CPUs for the predictors leaves too little of this machine's {cpus:g} CPUs for "
+                      "decoding and writing (0.75): lower infer.concurrency or infer.cpus_per_actor")
+    return errors
+
+
+def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """`sweep.space`, nested or dotted keys -> {"model.backbone.name": {"grid": [...]}, ...}."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in space.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and set(value) <= set(SPACE_KINDS):
+            if len(value) != 1:
+                raise ValueError(f"sweep.space.{path} has {sorted(value)}: give exactly one of "
+                                 f"{', '.join(SPACE_KINDS)}")
+            out[path] = value
+        elif isinstance(value, dict) and value:
+            out.update(flatten_space(value, path + "."))
+        else:
+            raise ValueError(f"sweep.space.{path}: expected {{choice|grid: [values]}} or "
+                             f"{{uniform|loguniform: [low, high]}}, got {value!r}")
+    return out
+
+
+def get_path(cfg: dict[str, Any], path: str) -> Any:
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def set_path(cfg: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[last] = copy.deepcopy(value)
+
+
+def sweep_errors(cfg: dict[str, Any]) -> list[str]:
+    """The sweep's settings, and its space: every key exists in the job config and every listed
+    value passes the training checks."""
+    sweep = cfg["sweep"]
+    errors = []
+    if sweep["mode"] not in ("max", "min"):
+        errors.append(f"sweep.mode={sweep['mode']!r} must be 'max' or 'min'")
+    for key in ("num_samples", "max_concurrent_trials"):
+        if sweep[key] <= 0:
+            errors.append(f"sweep.{key}={sweep[key]} must be > 0")
+    try:
+        space = flatten_space(sweep["space"])
+    except ValueError as e:
+        return [*errors, str(e)]
+    if not space:
+        errors.append("sweep.space is empty: add a dimension, e.g. "
+                      "'+sweep.space.model.backbone.name={choice:[resnet18,resnet34]}'")
+    for path, spec in space.items():
+        try:
+            get_path(cfg, path)
+        except (KeyError, TypeError):
+            errors.append(f"sweep.space.{path}: {path!r} is not a key of the job config "
+                          "(see `mrcnn-train --cfg job` for the keys)")
+            continue
+        kind, values = next(iter(spec.items()))
+        if kind in ("uniform", "loguniform"):
+            if not (isinstance(values, list) and len(values) == 2 and values[0] < values[1]):
+                errors.append(f"sweep.space.{path}.{kind} must be [low, high] with low < high, got {values}")
+                continue
+            if kind == "loguniform" and values[0] <= 0:
+                errors.append(f"sweep.space.{path}.loguniform needs low > 0, got {values}")
+                continue
+            values = values[:1]
+        elif not isinstance(values, list) or not values:
+            errors.append(f"sweep.space.{path}.{kind} must be a non-empty list of values")
+            continue
+        for value in values:
+            trial = copy.deepcopy(cfg)
+            set_path(trial, path, value)
+            trial_errors = model_errors(trial) + data_errors(trial["data"]) + trainer_errors(trial["trainer"])
+            errors += [f"sweep.space.{path} value {value!r}: {e}" for e in trial_errors]
+    return errors

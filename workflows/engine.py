@@ -16,7 +16,7 @@ import torch
 from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import evaluate_coco, to_coco_results
 from mrcnn.masks import encode_masks
-from workflows.data import batch_to_model_inputs
+from workflows.ingest import batch_to_model_inputs
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 

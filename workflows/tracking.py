@@ -65,7 +65,7 @@ def check_tracking_server(uri: str, timeout: float = 10) -> None:
                               "(mlflow server --host 127.0.0.1 --port 5000) or fix the URI") from None
 
 
-def ui_command(uri: str, run_id: str | None = None) -> str:
+def ui_link(uri: str, run_id: str | None = None) -> str:
     """How to open the MLflow UI on this tracking store, at `run_id`'s page. The link names the
     model-training view: MLflow 3's UI opens every experiment in its GenAI view otherwise."""
     base = "http://127.0.0.1:5000" if uri.startswith("sqlite") else uri.rstrip("/")
@@ -120,6 +120,12 @@ def experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
                 raise
             exp_id = exp.experiment_id
     return exp_id
+
+
+def run_exists(client: MlflowClient, experiment: str, run_name: str) -> bool:
+    exp = client.get_experiment_by_name(experiment)
+    return bool(exp and client.search_runs([exp.experiment_id], filter_string=f"tags.ray_run_name = '{run_name}'",
+                                           max_results=1))
 
 
 def start_or_resume_run(uri: str, experiment: str, run_name: str, cfg: dict[str, Any],

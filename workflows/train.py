@@ -1,45 +1,23 @@
-"""`mrcnn-train`: Mask R-CNN on Ray Train, composed by Hydra, tracked in MLflow.
+"""The training job: Mask R-CNN on Ray Train, tracked in MLflow (`mrcnn-train`).
 
-    mrcnn-train                                   # shapes demo, local Ray, SQLite MLflow
-    mrcnn-train experiment=coco_r50_fpn_1x data.root=s3://bucket/coco trainer.num_workers=16
-    mrcnn-train run_name=my-run                   # rerun the same name: resumes from its checkpoint
+    run(cfg)    # cfg: the composed job config as a plain dict (workflows.config)
+
+A `run_name` names the Ray Train run and the MLflow run: the same name again resumes both from
+the last checkpoint. Without one, each job gets a new unique name.
 """
 
 from __future__ import annotations
 
-import logging
-import secrets
-import time
 from pathlib import Path
 from typing import Any
 
-import hydra
-import ray
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
 
-from mrcnn.checkpoint import load_weights_file
-from workflows.config import CONF_DIR, register_configs, to_container
-from workflows.model_io import log_model, register_model
-from workflows.tracking import (
-    check_tracking_server,
-    mlflow_client,
-    resolve_tracking_uri,
-    start_or_resume_run,
-    ui_command,
-)
-from workflows.trainer import TrainingData, build_trainer, init_ray, load_training_data, prepare
-
-log = logging.getLogger(__name__)
-register_configs()
-
-# Keys of other jobs: not params of a training run.
-OTHER_JOBS = ("sweep", "infer")
-
-
-def training_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in OTHER_JOBS}
+from workflows.config import training_params
+from workflows.job import Job
+from workflows.registry import CANDIDATE, register_model
+from workflows.trainer import TrainingData, build_trainer, load_training_data, log_final_model
 
 
 def log_data_report(client: MlflowClient, run_id: str, data: TrainingData) -> None:
@@ -47,24 +25,8 @@ def log_data_report(client: MlflowClient, run_id: str, data: TrainingData) -> No
     (tags `data.train_problems`, `data.val_problems`)."""
     for split in (data.train, data.val):
         client.log_text(run_id, str(split.report) + "\n", f"data_report/{split.name}.txt")
-    for split in (data.train, data.val):  # tags, not metrics: one number each, no chart to draw
+        # tags, not metrics: one number each, no chart to draw
         client.set_tag(run_id, f"data.{split.name}_problems", str(sum(split.report.counts.values())))
-
-
-def finish_run(client: MlflowClient, run_id: str, result, registered_model: str | None,
-               alias: str | None = "candidate") -> dict[str, Any]:
-    """Log the final checkpoint as the run's model (and register it). Returns the checkpoint
-    path and registry version."""
-    out: dict[str, Any] = {"checkpoint": None, "version": None}
-    if result.checkpoint is None:
-        return out
-    with result.checkpoint.as_directory() as d:
-        payload = load_weights_file(Path(d) / "checkpoint.pt")
-    log_model(client, run_id, payload)
-    out["checkpoint"] = f"{result.checkpoint.path}/checkpoint.pt"
-    if registered_model:
-        out["version"] = register_model(client, run_id, registered_model, alias)
-    return out
 
 
 def report_unlogged(unlogged: list[str], run_id: str, folder: Path) -> None:
@@ -82,45 +44,30 @@ def report_unlogged(unlogged: list[str], run_id: str, folder: Path) -> None:
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train; returns {run_id, tracking_uri, checkpoint (path), version, metrics}."""
-    cfg = prepare(cfg)
-    uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
-    check_tracking_server(uri)
-    data = load_training_data(cfg)
-    init_ray(cfg["ray_address"])
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    # A fresh name per job: two jobs started in the same second must not share (and resume) one run.
-    cfg["run_name"] = cfg["run_name"] or time.strftime("mrcnn-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-    run_id = start_or_resume_run(uri, cfg["tracking"]["experiment"], cfg["run_name"], training_params(cfg),
-                                 tags={"job": "train"})
-    log_data_report(mlflow_client(uri), run_id, data)
-    trainer = build_trainer(training_params(cfg), data, run_id, uri,
-                            storage_path=str(Path(cfg["output_dir"]) / "ray_results"), name=cfg["run_name"])
-    result = trainer.fit()
-    storage = Path(cfg["output_dir"]) / "ray_results" / cfg["run_name"]
-    report_unlogged((result.metrics or {}).get("mlflow_unlogged") or [], run_id, storage)
-    client = mlflow_client(uri)
-    try:
-        final = finish_run(client, run_id, result, cfg["tracking"]["registered_model"])
-        client.set_terminated(run_id)
-    except MlflowException as e:
-        checkpoint = f"{result.checkpoint.path}/checkpoint.pt" if result.checkpoint else "none"
-        raise ConnectionError(
-            f"training finished but MLflow at {uri} failed while logging the model ({str(e)[:300]}); the final "
-            f"checkpoint is {checkpoint} (`infer.model=` and `mrcnn-evaluate` take it as it is)"
-        ) from None
-    print(f"MLflow run {run_id} (experiment {cfg['tracking']['experiment']!r}) at {uri}")
-    print(f"open the MLflow UI: {ui_command(uri, run_id)}")
-    if final["version"]:
-        print(f"registered {cfg['tracking']['registered_model']} version {final['version']} (alias candidate)")
-    if final["checkpoint"]:
-        print(f"final checkpoint: {final['checkpoint']}")
-    return {"run_id": run_id, "tracking_uri": uri, "metrics": result.metrics, **final}
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    run(to_container(cfg))
-
-
-if __name__ == "__main__":
-    main()
+    with Job(cfg, "train") as job:
+        cfg = job.cfg
+        data = load_training_data(cfg)
+        job.start_ray()
+        run_id = job.open_run("mrcnn", training_params(cfg), name=cfg["run_name"])
+        cfg["run_name"] = job.run_name
+        log_data_report(job.client, run_id, data)
+        storage = Path(cfg["output_dir"]) / "ray_results"
+        result = build_trainer(training_params(cfg), data, run_id, job.tracking_uri, storage_path=str(storage),
+                               name=job.run_name).fit()
+        report_unlogged((result.metrics or {}).get("mlflow_unlogged") or [], run_id, storage / job.run_name)
+        registered = cfg["tracking"]["registered_model"]
+        try:
+            checkpoint = log_final_model(job.client, run_id, result)
+            version = register_model(job.client, run_id, registered) if registered and checkpoint else None
+        except MlflowException as e:
+            where = f"{result.checkpoint.path}/checkpoint.pt" if result.checkpoint else "none"
+            raise ConnectionError(
+                f"training finished but MLflow at {job.tracking_uri} failed while logging the model "
+                f"({str(e)[:300]}); the final checkpoint is {where} (`infer.model=` and `mrcnn-evaluate` take it "
+                "as it is)") from None
+        if version:
+            print(f"registered {registered} version {version} (alias {CANDIDATE})")
+        if checkpoint:
+            print(f"final checkpoint: {checkpoint}")
+        return {"run_id": run_id, "tracking_uri": job.tracking_uri, "metrics": result.metrics,
+                "checkpoint": checkpoint, "version": version}

@@ -8,48 +8,21 @@
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from mrcnn.checkpoint import load_weights_file
 from mrcnn.data.coco import CategoryMap
 from workflows.config import validate
-from workflows.data import ExactSplitDataConfig, Split, ensure_shapes, image_dataset, load_split
-from workflows.storage import is_s3, join
-from workflows.train_loop import train_loop
-
-
-def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Absolute paths, value checks: everything that can fail before Ray starts."""
-    validate_cfg = dict(cfg)
-    if cfg["model"]["num_classes"] == 0:  # filled from the dataset later; validate the rest
-        validate_cfg = {**cfg, "model": {**cfg["model"], "num_classes": 2}}
-    validate(validate_cfg)
-    cfg["output_dir"] = str(Path(cfg["output_dir"]).resolve())
-    ensure_writable(cfg["output_dir"], "output_dir")
-    if not is_s3(cfg["data"]["root"]):
-        cfg["data"]["root"] = str(Path(cfg["data"]["root"]).resolve())
-    return cfg
-
-
-def ensure_writable(folder: str, key: str) -> None:
-    """Create `folder` and write a byte there, or raise naming the key and the path: checkpoints
-    and the tracking store go there, and a full disk should stop the job before training."""
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise OSError(f"{key}={folder} is not writable ({e.strerror or e}); free space there or point "
-                      f"{key} at another folder") from None
+from workflows.ingest import ExactSplitDataConfig, Split, ensure_shapes, image_dataset, load_split
+from workflows.registry import log_model
+from workflows.storage import join
+from workflows.worker import train_loop
 
 
 @dataclass
@@ -78,25 +51,8 @@ def load_training_data(cfg: dict[str, Any]) -> TrainingData:
     elif cfg["model"]["num_classes"] != cats.num_classes:
         raise ValueError(f"model.num_classes={cfg['model']['num_classes']} but the training set has "
                          f"{cats.num_classes - 1} categories (+ background); set model.num_classes=0 to follow it")
-    validate(cfg)
+    validate(cfg, "train")
     return TrainingData(train, val)
-
-
-def init_ray(address: str | None, dashboard: bool = True) -> None:
-    """Join `address`, or start a local instance whose training workers are not niced below
-    Ray's own processes (measured 1.3 -> 1.0 s a step on 2 cores) and without Ray Train's
-    preemption watcher (a local machine is not preempted; one process fewer waking 100+ times a
-    second beside the training threads). The dashboard serves the State API, which Ray Train's
-    placement-group cleaner queries every few seconds: without it the job frees no placement
-    group of a dead controller and logs a warning at each query."""
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {}
-    if address is None:
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        kwargs["include_dashboard"] = dashboard
-    ray.init(address=address, log_to_driver=True, **kwargs)
 
 
 def build_trainer(
@@ -134,5 +90,19 @@ def build_trainer(
             name=name, storage_path=storage_path, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=trainer_cfg["num_to_keep"]),
             failure_config=FailureConfig(max_failures=trainer_cfg["max_failures"]),
+            # Ray Train's routine lines (worker group started, checkpoint saved, each report)
+            # stay in its session log files unless the job is verbose.
+            logging_config=LoggingConfig(log_level="INFO" if cfg["verbose"] else "WARNING"),
         ),
     )
+
+
+def log_final_model(client: MlflowClient, run_id: str, result: Result) -> str | None:
+    """Log the fitted run's last checkpoint as the MLflow run's model; returns the checkpoint
+    file's path (None when the run saved none)."""
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as d:
+        payload = load_weights_file(Path(d) / "checkpoint.pt")
+    log_model(client, run_id, payload)
+    return f"{result.checkpoint.path}/checkpoint.pt"

@@ -11,12 +11,13 @@ is torchvision's `aligned=False` RoIAlign; GPUs keep torchvision's kernel.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign as _TVMultiScaleRoIAlign
-from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+from torchvision.ops.poolers import LevelMapper
 
 
 def _axis_samples(start: Tensor, bin_size: Tensor, bins: int, sr: int, size: Tensor):
@@ -105,6 +106,18 @@ def roi_align_levels(features: list[Tensor], scales: list[float], rois: Tensor, 
     return out.view(r, ph, pw, c).permute(0, 3, 1, 2)
 
 
+def level_scales(features: list[Tensor], image_shapes: list[tuple[int, int]], canonical_scale: int,
+                 canonical_level: int) -> tuple[list[float], LevelMapper]:
+    """Each level's scale (feature-map pixels per image pixel, a power of 2 measured against the
+    largest image side), and the FPN level mapper over those levels (torchvision's rule)."""
+    if not image_shapes:
+        raise ValueError("images list should not be empty")
+    height = max(h for h, _ in image_shapes)
+    scales = [2.0 ** round(math.log2(f.shape[-2] / height)) for f in features]
+    return scales, LevelMapper(int(-math.log2(scales[0])), int(-math.log2(scales[-1])),
+                               canonical_scale=canonical_scale, canonical_level=canonical_level)
+
+
 class MultiScaleRoIAlign(_TVMultiScaleRoIAlign):
     """torchvision's FPN level mapping (the paper's eq. 1); the sparse kernel on the CPU."""
 
@@ -112,12 +125,12 @@ class MultiScaleRoIAlign(_TVMultiScaleRoIAlign):
         """x: {name: float[B, C, H_l, W_l]}; boxes: per image float[N_i, 4] in image pixels.
 
         Returns float[sum N_i, C, S, S] in the order of the concatenated boxes."""
-        feats = _filter_input(x, self.featmap_names)
+        feats = [v for k, v in x.items() if k in self.featmap_names]
         if feats[0].device.type != "cpu" or self.sampling_ratio <= 0:
             return super().forward({k: v.contiguous() for k, v in x.items()}, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(feats, image_shapes, self.canonical_scale,
-                                                         self.canonical_level)
+            self.scales, self.map_levels = level_scales(feats, image_shapes, self.canonical_scale,
+                                                        self.canonical_level)
         levels = self.map_levels(boxes)
-        return roi_align_levels(feats, self.scales, _convert_to_roi_format(boxes), levels, self.output_size,
-                                self.sampling_ratio)
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(boxes)])
+        return roi_align_levels(feats, self.scales, rois, levels, self.output_size, self.sampling_ratio)

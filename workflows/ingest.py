@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.train import DataConfig
 
 from mrcnn.data.coco import CategoryMap, ValidationReport, load_coco_records
 from mrcnn.data.images import ImageDecodeError, decode_image
 from mrcnn.data.shapes import write_shapes_dataset
 from mrcnn.data.transforms import horizontal_flip, resize_shorter_side, to_model_inputs
-from workflows.storage import filesystem, is_s3, join, list_files, read_bytes
+from workflows.compat import ExecutionCallback, execution_options, operator_progress
+from workflows.storage import is_s3, join, list_files, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def load_split(data_cfg: dict[str, Any], split: str, categories: CategoryMap | N
     except json.JSONDecodeError as e:
         raise ValueError(f"data.{split}_annotations: {ann_uri} is not valid JSON: {e}") from e
     if is_s3(images_root):
-        present = list_files(images_root, s3)
+        present = set(list_files(images_root, s3))
         exists = lambda f: join(images_root, f) in present  # noqa: E731
     else:
         exists = lambda f: os.path.isfile(join(images_root, f))  # noqa: E731
@@ -84,19 +84,6 @@ def records_dataset(records: list[dict[str, Any]]) -> ray.data.Dataset:
     return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
 
 
-_FS_CACHE: dict[str, Any] = {}
-
-
-def read_uri(uri: str, s3: dict[str, Any]) -> bytes:
-    """The bytes of a local file or s3:// object, through one cached filesystem per process."""
-    key = "s3" if is_s3(uri) else "local"
-    if key not in _FS_CACHE:  # one filesystem per worker process, not one per image
-        _FS_CACHE[key] = filesystem(uri, s3)[0]
-    path = uri[len("s3://"):] if is_s3(uri) else uri
-    with _FS_CACHE[key].open_input_stream(path) as f:
-        return f.read()
-
-
 def decode_batch(batch: dict[str, np.ndarray], s3: dict[str, Any], train: bool,
                  augment: dict[str, Any]) -> dict[str, Any]:
     """Read, decode and augment a batch of records. An unreadable image is dropped with a
@@ -105,7 +92,7 @@ def decode_batch(batch: dict[str, np.ndarray], s3: dict[str, Any], train: bool,
     for i in range(len(batch["image_id"])):
         path = str(batch["path"][i])
         try:
-            image = decode_image(read_uri(path, s3), path)
+            image = decode_image(read_bytes(path, s3), path)
         except (ImageDecodeError, OSError) as e:
             log.warning("skipping image: %s", e)
             continue
@@ -172,9 +159,7 @@ class IdleThrottle(ExecutionCallback):
         self.pause_s, self.last = self.FIRST_S, None
 
     def on_execution_step(self, executor) -> None:
-        state = tuple((op.metrics.num_tasks_submitted, op.metrics.num_task_outputs_generated,
-                       op.metrics.num_outputs_taken, op_state.output_queue.num_blocks)
-                      for op, op_state in executor._topology.items())
+        state = operator_progress(executor)
         if state != self.last:
             self.last, self.pause_s = state, self.FIRST_S
             return
@@ -191,7 +176,7 @@ class ExactSplitDataConfig(DataConfig):
         output = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
+            ds.context.execution_options = execution_options(self, name)
             ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes,
                                                             IdleThrottle]
             for i, split in enumerate(ds.streaming_split(world_size, equal=False)):

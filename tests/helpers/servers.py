@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -77,7 +78,7 @@ def ray_head(num_cpus: int = 3):
         yield url
     finally:
         # This head's processes only, not every Ray on the machine.
-        kill_processes_mentioning(tmp, f":{port}", f"={client_port}")
+        kill_processes_mentioning(tmp, str(port), str(client_port))
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -100,16 +101,38 @@ def kill_job(proc: subprocess.Popen, temp: str, timeout: float = 20) -> None:
     kill_processes_mentioning(temp, timeout=timeout)
 
 
+def ray_temp_dir(prefix: str) -> Path:
+    """A new short folder for a job's own Ray instances (`RAY_TMPDIR`): Ray's socket paths must
+    fit 107 bytes. `remove_ray_temp_dir` ends what ran there."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def remove_ray_temp_dir(temp: Path) -> None:
+    """Kill the processes of the Ray instances that ran in `temp`, and remove it."""
+    kill_processes_mentioning(str(temp))
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _mentions(arg: str, text: str) -> bool:
+    """`arg` names `text` exactly: the path itself or a path under it (`/tmp/rk12` does not name
+    `/tmp/rk123`), alone or after `=` (`--temp-dir=/tmp/rk12`), or a port at the end of an
+    address or option (`:6379`, `=6379`, not `:63790`)."""
+    if text.isdigit():
+        return re.search(rf"(^|[:=]){text}$", arg) is not None
+    return re.search(rf"(^|=){re.escape(text)}(/|$)", arg) is not None
+
+
 def kill_processes_mentioning(*texts: str, timeout: float = 20) -> int:
-    """SIGKILL every process whose command line mentions one of `texts` (a test's own temp
-    folder, its head's port), and their descendants: Ray's agents rename their command lines
-    (`ray::DashboardAgent`) and would hold their ports for the next test. Returns how many."""
+    """SIGKILL every process one of whose arguments names one of `texts` exactly (a test's own
+    temp folder, its head's ports; see `_mentions`), and their descendants: Ray's agents rename
+    their command lines (`ray::DashboardAgent`) and would hold their ports for the next test.
+    Returns how many."""
     import psutil
 
     me = os.getpid()
     victims = {}
     for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.info["pid"] != me and any(t in part for t in texts for part in (p.info["cmdline"] or [])):
+        if p.info["pid"] != me and any(_mentions(part, t) for t in texts for part in (p.info["cmdline"] or [])):
             victims[p.pid] = p
             with contextlib.suppress(psutil.Error):
                 victims.update({c.pid: c for c in p.children(recursive=True)})

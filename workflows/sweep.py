@@ -16,101 +16,26 @@ import copy
 import csv
 import io
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import ray
-from omegaconf import DictConfig
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from mrcnn.checkpoint import load_weights_file
-from workflows.config import CONF_DIR, register_configs, to_container, validate
-from workflows.model_io import ARTIFACT_PATH, log_model, register_model
-from workflows.tracking import (
-    check_tracking_server,
-    log_metrics,
-    mlflow_client,
-    resolve_tracking_uri,
-    start_or_resume_run,
-    ui_command,
-)
-from workflows.train import finish_run, training_params
-from workflows.trainer import TrainingData, build_trainer, init_ray, load_training_data, prepare
+from workflows.config import flatten_space, set_path, training_params
+from workflows.job import Job, new_run_name
+from workflows.registry import ARTIFACT_PATH, DEFAULT_MODEL_NAME, log_model, register_model
+from workflows.tracking import log_metrics, mlflow_client, start_or_resume_run
+from workflows.trainer import TrainingData, build_trainer, load_training_data, log_final_model
 
-register_configs()
-
-KINDS = ("choice", "grid", "uniform", "loguniform")
 TIME_ATTR = "epochs_completed"
 # The trial driver only builds and waits on its TorchTrainer: holding a CPU would deadlock it
 # against its own workers on a small machine. A bundle must not be empty, so it asks for a
 # token of memory, which every node has.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 16 * 2**20}
-
-
-def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
-    """Nested or dotted keys -> {"model.backbone.name": {"grid": [...]}, ...}."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in space.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and set(value) <= set(KINDS):
-            if len(value) != 1:
-                raise ValueError(f"sweep.space.{path} has {sorted(value)}: give exactly one of {', '.join(KINDS)}")
-            out[path] = value
-        elif isinstance(value, dict) and value:
-            out.update(flatten_space(value, path + "."))
-        else:
-            raise ValueError(f"sweep.space.{path}: expected {{choice|grid: [values]}} or "
-                             f"{{uniform|loguniform: [low, high]}}, got {value!r}")
-    return out
-
-
-def get_path(cfg: dict[str, Any], path: str) -> Any:
-    node = cfg
-    for part in path.split("."):
-        node = node[part]
-    return node
-
-
-def set_path(cfg: dict[str, Any], path: str, value: Any) -> None:
-    *parents, last = path.split(".")
-    node = cfg
-    for part in parents:
-        node = node[part]
-    node[last] = copy.deepcopy(value)
-
-
-def check_space(cfg: dict[str, Any], space: dict[str, dict[str, Any]]) -> None:
-    """Every key exists in the job config, and every listed value passes validation, before
-    any Ray work."""
-    if not space:
-        raise ValueError("sweep.space is empty: add a dimension, e.g. "
-                         "'+sweep.space.model.backbone.name={choice:[resnet18,resnet34]}'")
-    for path, spec in space.items():
-        try:
-            get_path(cfg, path)
-        except (KeyError, TypeError):
-            raise ValueError(f"sweep.space.{path}: {path!r} is not a key of the job config "
-                             "(see `mrcnn-train --cfg job` for the keys)") from None
-        kind, values = next(iter(spec.items()))
-        if kind in ("uniform", "loguniform"):
-            if not (isinstance(values, list) and len(values) == 2 and values[0] < values[1]):
-                raise ValueError(f"sweep.space.{path}.{kind} must be [low, high] with low < high, got {values}")
-            if kind == "loguniform" and values[0] <= 0:
-                raise ValueError(f"sweep.space.{path}.loguniform needs low > 0, got {values}")
-            values = values[:1]
-        elif not isinstance(values, list) or not values:
-            raise ValueError(f"sweep.space.{path}.{kind} must be a non-empty list of values")
-        for value in values:
-            trial = copy.deepcopy(cfg)
-            set_path(trial, path, value)
-            try:
-                validate(trial)
-            except ValueError as e:
-                raise ValueError(f"sweep.space.{path} value {value!r}: {e}") from None
 
 
 def tune_domain(spec: dict[str, Any]):
@@ -151,8 +76,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: TrainingData, 
                             callbacks=[TuneReportCallback()])
     result = trainer.fit()
     client = mlflow_client(uri)
-    if result.checkpoint is not None:
-        finish_run(client, run_id, result, registered_model=None)
+    log_final_model(client, run_id, result)
     client.set_tag(run_id, "sweep.status", "completed")
     client.set_terminated(run_id)
 
@@ -228,45 +152,40 @@ def concurrent_trials(cfg: dict[str, Any], wanted: int) -> int:
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) the sweep; returns {parent_run_id, best, rows, version, tracking_uri}."""
-    cfg = prepare(cfg)
-    sweep_cfg = cfg["sweep"]
-    space = flatten_space(sweep_cfg["space"])
-    if sweep_cfg["mode"] not in ("max", "min"):
-        raise ValueError(f"sweep.mode={sweep_cfg['mode']!r} must be 'max' or 'min'")
-    base = training_params(cfg)
-    data = load_training_data(base)
-    check_space(base, space)
-    max_epochs = sweep_cfg["scheduler"]["max_epochs"] or base["trainer"]["epochs"]
-    name = sweep_cfg["name"] or time.strftime("sweep-%Y%m%d-%H%M%S")
-    uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
-    check_tracking_server(uri)
-    init_ray(cfg["ray_address"])  # with the State API: it frees placement groups of stopped trials
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    parent = start_or_resume_run(uri, cfg["tracking"]["experiment"], name,
-                                 {"sweep": {**sweep_cfg, "name": name}, **base}, tags={"sweep": name, "job": "sweep"})
-    sweeps_dir = Path(cfg["output_dir"]) / "sweeps"
-    sweep_info = {"name": name, "parent_run_id": parent, "tracking_uri": uri, "max_epochs": max_epochs,
-                  "trials_dir": str(sweeps_dir / name / "trials")}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=data, sweep=sweep_info),
-                                    TRIAL_DRIVER_RESOURCES)
-    concurrency = concurrent_trials(base, sweep_cfg["max_concurrent_trials"])
-    path = str(sweeps_dir / name)
-    if tune.Tuner.can_restore(path):
-        print(f"resuming sweep {name} from {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max_epochs,
-                                  grace_period=sweep_cfg["scheduler"]["grace_period"],
-                                  reduction_factor=sweep_cfg["scheduler"]["reduction_factor"])
-        tuner = tune.Tuner(
-            trainable,
-            param_space={k: tune_domain(v) for k, v in space.items()},
-            tune_config=tune.TuneConfig(metric=sweep_cfg["metric"], mode=sweep_cfg["mode"], scheduler=scheduler,
-                                        num_samples=sweep_cfg["num_samples"], max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=name, storage_path=str(sweeps_dir), verbose=1),
-        )
-    results = tuner.fit()
-    return finish_sweep(cfg, results, space, parent, uri, max_epochs, name)
+    with Job(cfg, "tune") as job:
+        cfg = job.cfg
+        sweep_cfg = cfg["sweep"]
+        space = flatten_space(sweep_cfg["space"])
+        base = training_params(cfg)
+        data = load_training_data(base)
+        max_epochs = sweep_cfg["scheduler"]["max_epochs"] or base["trainer"]["epochs"]
+        job.start_ray()  # with the State API: it frees placement groups of stopped trials
+        name = sweep_cfg["name"] = sweep_cfg["name"] or new_run_name("sweep")
+        parent = job.open_run("sweep", {"sweep": sweep_cfg, **base}, tags={"sweep": name}, name=name)
+        sweeps_dir = Path(cfg["output_dir"]) / "sweeps"
+        sweep_info = {"name": name, "parent_run_id": parent, "tracking_uri": job.tracking_uri,
+                      "max_epochs": max_epochs, "trials_dir": str(sweeps_dir / name / "trials")}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=data, sweep=sweep_info),
+                                        TRIAL_DRIVER_RESOURCES)
+        path = str(sweeps_dir / name)
+        if tune.Tuner.can_restore(path):
+            print(f"resuming sweep {name} from {path}")
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max_epochs,
+                                      grace_period=sweep_cfg["scheduler"]["grace_period"],
+                                      reduction_factor=sweep_cfg["scheduler"]["reduction_factor"])
+            tuner = tune.Tuner(
+                trainable,
+                param_space={k: tune_domain(v) for k, v in space.items()},
+                tune_config=tune.TuneConfig(
+                    metric=sweep_cfg["metric"], mode=sweep_cfg["mode"], scheduler=scheduler,
+                    num_samples=sweep_cfg["num_samples"],
+                    max_concurrent_trials=concurrent_trials(base, sweep_cfg["max_concurrent_trials"])),
+                run_config=tune.RunConfig(name=name, storage_path=str(sweeps_dir), verbose=1 if cfg["verbose"] else 0),
+            )
+        results = tuner.fit()
+        return finish_sweep(cfg, results, space, parent, job.tracking_uri, max_epochs, name)
 
 
 def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, name: str) -> dict[str, Any]:
@@ -306,35 +225,25 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
         child = children.get(best["trial_id"])
         if child and not client.list_artifacts(child, ARTIFACT_PATH):
             log_model(client, child, load_weights_file(Path(best["checkpoint"]) / "checkpoint.pt"))
-        registered = cfg["tracking"]["registered_model"] or "maskrcnn"
+        registered = cfg["tracking"]["registered_model"] or DEFAULT_MODEL_NAME
         if child:
             version = register_model(client, child, registered, sweep_cfg["register_alias"])
-    client.set_terminated(parent)
-    print_summary(rows, key, best, name, parent, uri, version, cfg, space)
+    print_summary(rows, key, best, name, version, cfg, space)
     return {"parent_run_id": parent, "best": best, "rows": rows, "version": version, "tracking_uri": uri,
             "children": children}
 
 
-def print_summary(rows, key, best, name, parent, uri, version, cfg, space) -> None:
+def print_summary(rows, key, best, name, version, cfg, space) -> None:
     print(f"\nsweep {name}: {len(rows)} trials")
     for r in rows:
         value = f"{r[key]:.3f}" if r[key] == r[key] else "   - "
         params = " ".join(f"{k}={v}" for k, v in r.items() if k in space)
         print(f"  {r['trial_id']}  {key} {value}  epochs {r['epochs']}  {r['status']:13s} {params}")
     if best:
-        registered = cfg["tracking"]["registered_model"] or "maskrcnn"
+        registered = cfg["tracking"]["registered_model"] or DEFAULT_MODEL_NAME
         print(f"best trial {best['trial_id']}: {key} {best[key]:.3f}; registered {registered} version {version} "
               f"(alias {cfg['sweep']['register_alias']})")
     else:
         print("no trial reported the metric with a checkpoint: nothing registered; see the trials' logs")
-    print(f"MLflow parent run {parent} at {uri}")
-    print(f"compare the trials in the MLflow UI: {ui_command(uri, parent)}")
+    print("compare the trials in the MLflow UI: the sweep's run below, its child runs")
 
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    run(to_container(cfg))
-
-
-if __name__ == "__main__":
-    main()

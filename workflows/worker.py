@@ -25,6 +25,7 @@ from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_side_by_side
 from workflows.allocator import reuse_large_blocks
+from workflows.compat import quiet_consoles
 from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
 from workflows.storage import read_bytes
 from workflows.tracking import RunLogger, metric_key
@@ -83,6 +84,8 @@ def setup(config: dict[str, Any]) -> Worker:
     trainer_cfg, opt_cfg = cfg["trainer"], cfg["trainer"]["optimizer"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg["verbose"]:  # pycocotools' tables, Ray Train's lines: to the worker's log files only
+        quiet_consoles("")
     if trainer_cfg["torch_threads"]:
         torch.set_num_threads(trainer_cfg["torch_threads"])
     reuse_large_blocks()
@@ -122,6 +125,8 @@ def resume(w: Worker) -> tuple[int, int]:
     w.scaler.load_state_dict(payload["scaler"])
     if w.rank == 0:
         say(f"resumed from epoch {payload['epoch']} (step {payload['step']})")
+        # Every resume is in the run: a rerun of the run name, or Ray Train's restart after a failure.
+        w.mlflow.set_tag("resumed_from", f"epoch {payload['epoch']} step {payload['step']}")
     return payload["epoch"] + 1, payload["step"]
 
 

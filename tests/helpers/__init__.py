@@ -1,0 +1,1 @@
+"""Test helpers: real servers, stores, job configs, the torchvision oracle, the browser."""

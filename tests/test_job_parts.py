@@ -1,0 +1,88 @@
+"""The small pure pieces the jobs are built from: LR schedule, sweep space, storage paths, metric
+keys, model URIs."""
+
+from __future__ import annotations
+
+import pytest
+
+from workflows.config import flatten_space, get_path, set_path
+from workflows.registry import ModelURI
+from workflows.storage import join
+from workflows.tracking import metric_key
+from workflows.worker import lr_factor
+
+OPT = {"warmup_steps": 10, "warmup_factor": 0.001, "milestones": [0.5, 0.75], "gamma": 0.1}
+
+
+def test_lr_warms_up_linearly_then_steps_down_at_the_milestones():
+    total = 100
+    assert lr_factor(0, total, OPT) == pytest.approx(0.001)
+    assert lr_factor(5, total, OPT) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(10, total, OPT) == 1.0
+    assert lr_factor(49, total, OPT) == 1.0
+    assert lr_factor(50, total, OPT) == pytest.approx(0.1)
+    assert lr_factor(74, total, OPT) == pytest.approx(0.1)
+    assert lr_factor(75, total, OPT) == pytest.approx(0.01)
+    assert lr_factor(99, total, OPT) == pytest.approx(0.01)
+    # Warmup past a milestone (at step 4 of 8): both apply.
+    assert lr_factor(5, 8, OPT) == pytest.approx((0.001 * 0.5 + 0.5) * 0.1)
+
+
+def test_sweep_space_nested_and_dotted_keys_flatten_alike():
+    nested = {"model": {"backbone": {"name": {"grid": ["resnet18", "resnet50"]}}},
+              "trainer.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}
+    assert flatten_space(nested) == {"model.backbone.name": {"grid": ["resnet18", "resnet50"]},
+                                     "trainer.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}
+    assert flatten_space({}) == {}
+    with pytest.raises(ValueError, match="sweep.space.model.x has .* exactly one of"):
+        flatten_space({"model": {"x": {"grid": [1], "choice": [2]}}})
+    with pytest.raises(ValueError, match="sweep.space.lr: expected"):
+        flatten_space({"lr": 0.1})
+
+
+def test_config_paths_get_and_set_a_copy():
+    cfg = {"a": {"b": {"c": 1}}}
+    value = [1, 2]
+    set_path(cfg, "a.b.c", value)
+    value.append(3)
+    assert get_path(cfg, "a.b.c") == [1, 2]
+    with pytest.raises(KeyError):
+        get_path(cfg, "a.x")
+
+
+def test_storage_join_keeps_uris_and_absolute_paths(tmp_path):
+    assert join("s3://bucket/coco", "annotations/x.json") == "s3://bucket/coco/annotations/x.json"
+    assert join("s3://bucket/coco", "") == "s3://bucket/coco"
+    assert join("s3://bucket/coco", "s3://other/y.json") == "s3://other/y.json"
+    assert join(str(tmp_path), "/abs/file.json") == "/abs/file.json"
+    assert join(str(tmp_path), "rel/../a.json") == str(tmp_path / "a.json")
+    assert join("relative/root", "a.json").startswith("/")
+
+
+def test_metric_keys_fall_into_the_ui_sections():
+    assert metric_key("segm_AP") == "val/segm_AP" and metric_key("bbox_AP50") == "val/bbox_AP50"
+    assert metric_key("images_per_s") == "system/images_per_s"
+    assert metric_key("loss_mask") == "train/loss_mask" and metric_key("lr") == "train/lr"
+    assert metric_key("infer/images") == "infer/images"
+
+
+@pytest.mark.parametrize("uri,fields", [
+    ("models:/maskrcnn@champion", {"kind": "registry", "name": "maskrcnn", "alias": "champion"}),
+    ("models:/maskrcnn/3", {"kind": "registry", "name": "maskrcnn", "version": "3"}),
+    ("runs:/abc123/model", {"kind": "run", "run_id": "abc123", "path": "model"}),
+    ("runs:/abc123", {"kind": "run", "run_id": "abc123", "path": "model"}),
+    ("out/r/checkpoint_1/checkpoint.pt", {"kind": "file", "path": "out/r/checkpoint_1/checkpoint.pt"}),
+])
+def test_model_uris_parse(uri, fields):
+    ref = ModelURI.parse(uri)
+    for key, value in fields.items():
+        assert getattr(ref, key) == value
+    if ref.kind == "registry":
+        assert ref.pinned("7") == "models:/maskrcnn/7"
+
+
+@pytest.mark.parametrize("uri", ["models:/maskrcnn", "models:/maskrcnn/latest", "models:/@x", "runs:/",
+                                 "models:maskrcnn", "http://host/model"])
+def test_bad_model_uris_say_what_is_expected(uri):
+    with pytest.raises(ValueError, match="expected"):
+        ModelURI.parse(uri)

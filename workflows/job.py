@@ -1,0 +1,217 @@
+"""The frame every job (train, tune, evaluate, promote, infer) runs inside.
+
+    with Job(cfg, "train") as job:          # paths absolute, validate, tracking checked, logging
+        ...                                 # work that may fail before Ray: nothing is recorded
+        job.start_ray()                     # start or join Ray, one way
+        run_id = job.open_run("mrcnn", params, tags)   # the MLflow run, opened or resumed by name
+        ...
+    # on leaving: the run FINISHED, FAILED (tag `error`) or KILLED (Ctrl-C, SIGTERM), and the
+    # link to it in the MLflow UI printed
+
+Console and log file: the job's own lines (steps, evaluations, the data report, warnings that
+need the user, the summary) go to the console; everything logged in the driver also goes to
+`output_dir/logs/JOB-TIME.log`, and Ray's routine output (Ray Train's checkpoint and report
+lines, Ray Data's execution plans) stays in Ray's session logs
+(`/tmp/ray/session_latest/logs`) unless `verbose=true`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from workflows.compat import quiet_consoles, quiet_ray_process
+from workflows.config import validate
+from workflows.storage import absolute
+from workflows.tracking import (
+    check_tracking_server,
+    mlflow_client,
+    resolve_tracking_uri,
+    run_exists,
+    start_or_resume_run,
+    ui_link,
+)
+
+log = logging.getLogger("workflows")
+
+
+def new_run_name(prefix: str) -> str:
+    """`PREFIX-YYYYmmdd-HHMMSS-xxxxxx`: readable, sorted by time, and distinct for jobs started
+    in the same second (a shared name would resume the other job's run; `Job.open_run` also
+    draws again should a name be taken)."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """SIGTERM (`ray job stop`, a scheduler's kill) raised in the job's main thread."""
+
+
+def quiet_ray_worker() -> None:
+    """Ray worker processes' setup hook: their routine INFO lines stay in their log files."""
+    quiet_ray_process()
+
+
+def ensure_writable(folder: str, key: str) -> None:
+    """Create `folder` and write a byte there, or raise naming the key and the path: checkpoints
+    and the tracking store go there, and a full disk should stop the job before training."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(f"{key}={folder} is not writable ({e.strerror or e}); free space there or point "
+                      f"{key} at another folder") from None
+
+
+class Job:
+    """One job's set-up and end; see the module docstring. `job.cfg` is the prepared config."""
+
+    def __init__(self, cfg: dict[str, Any], kind: str):
+        self.cfg, self.kind = cfg, kind
+        self.run_id: str | None = None
+        self.run_name: str | None = None
+        self.tracking_uri: str | None = None
+        self.log_file: Path | None = None
+        self._handlers: list[logging.Handler] = []
+        self._levels: dict[str, int] = {}
+        self._sigterm = None
+
+    # -- entering: everything that can fail before Ray starts --------------------------------
+
+    def __enter__(self) -> Job:
+        cfg = self.cfg
+        validate(cfg, self.kind)
+        cfg["output_dir"] = absolute(cfg["output_dir"])
+        ensure_writable(cfg["output_dir"], "output_dir")
+        cfg["data"]["root"] = absolute(cfg["data"]["root"])
+        for key in ("input", "output"):
+            if cfg["infer"][key]:
+                cfg["infer"][key] = absolute(cfg["infer"][key])
+        self._setup_logging()
+        self.tracking_uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
+        check_tracking_server(self.tracking_uri)
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame) -> None:
+        raise JobInterrupted(f"{self.kind} job stopped by SIGTERM")
+
+    def _setup_logging(self) -> None:
+        folder = Path(self.cfg["output_dir"]) / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log_file = folder / f"{new_run_name(self.kind)}.log"
+        root = logging.getLogger()
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        to_file = logging.FileHandler(self.log_file)
+        to_file.setFormatter(fmt)
+        to_file.setLevel(logging.INFO)
+        self._handlers = [to_file]
+        if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                   for h in root.handlers):
+            console = logging.StreamHandler(sys.stderr)
+            console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            console.setLevel(logging.INFO if self.cfg["verbose"] else logging.WARNING)
+            self._handlers.append(console)
+        for h in self._handlers:
+            root.addHandler(h)
+        if not self.cfg["verbose"]:  # MLflow's own console: "Creating initial MLflow database tables..."
+            quiet_consoles("mlflow")
+        self._levels[""] = root.level
+        root.setLevel(logging.INFO)
+        log.setLevel(logging.INFO)
+
+    # -- Ray and MLflow ---------------------------------------------------------------------
+
+    def start_ray(self) -> None:
+        """Join `ray_address`, or start a local instance. A local one runs its training workers
+        at the priority of Ray's own processes (not niced: measured 1.3 -> 1.0 s a step on 2
+        cores) and without Ray Train's preemption watcher (a laptop is not preempted). It keeps
+        the dashboard: its State API is what Ray Train's placement-group cleaner and stopped Tune
+        trials need. Then the checks that need the cluster's size."""
+        import ray
+
+        if not ray.is_initialized():
+            address = self.cfg["ray_address"]
+            kwargs: dict[str, Any] = {}
+            if address is None:
+                os.environ.setdefault("RAY_worker_niceness", "0")
+                os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+                if not self.cfg["verbose"]:
+                    kwargs["runtime_env"] = {"worker_process_setup_hook": "workflows.job.quiet_ray_worker"}
+            ray.init(address=address, log_to_driver=True,
+                     logging_level=logging.INFO if self.cfg["verbose"] else logging.WARNING, **kwargs)
+        if not self.cfg["verbose"]:
+            quiet_consoles("ray", "ray.data", "ray.train", "ray.tune")
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = self.kind == "infer"
+        ctx.print_on_execution_start = bool(self.cfg["verbose"])
+        if self.cfg["ray_address"] is None:  # a cluster may add nodes; this machine will not
+            validate(self.cfg, self.kind, cpus=ray.cluster_resources().get("CPU", 0))
+
+    @property
+    def client(self) -> MlflowClient:
+        return mlflow_client(self.tracking_uri)
+
+    def open_run(self, prefix: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+                 name: str | None = None) -> str:
+        """The job's MLflow run: `name` resumes the run of that name, or starts it; without
+        one, a new unique name from `prefix`. Its status is set when the job ends."""
+        self.run_name = name or new_run_name(prefix)
+        while not name and run_exists(self.client, self.cfg["tracking"]["experiment"], self.run_name):
+            self.run_name = new_run_name(prefix)
+        self.run_id = start_or_resume_run(self.tracking_uri, self.cfg["tracking"]["experiment"], self.run_name,
+                                          params, tags={"job": self.kind, **(tags or {})})
+        if self.log_file is not None:
+            self.client.set_tag(self.run_id, "log_file", str(self.log_file))
+        return self.run_id
+
+    # -- leaving ----------------------------------------------------------------------------
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if self.run_id is not None:
+                self._end_run(exc)
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
+            if exc is not None and self.log_file is not None:
+                log.error("%s job failed: %s", self.kind,
+                          "".join(traceback.format_exception(exc_type, exc, tb))[-20000:])
+            root = logging.getLogger()
+            for h in self._handlers:
+                root.removeHandler(h)
+                h.close()
+            root.setLevel(self._levels.get("", logging.WARNING))
+        return False
+
+    def _end_run(self, exc: BaseException | None) -> None:
+        status = "FINISHED" if exc is None else "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            client = self.client
+            if exc is not None:
+                client.set_tag(self.run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+            client.set_terminated(self.run_id, status=status)
+            link = ui_link(self.tracking_uri, self.run_id)
+        except Exception as e:  # noqa: BLE001 - the server went away: say so, keep the job's own error
+            print(f"WARNING: could not mark MLflow run {self.run_id} {status} at {self.tracking_uri}: "
+                  f"{str(e).splitlines()[0][:300]}", file=sys.stderr)
+            return
+        word = {"FINISHED": "", "FAILED": " (FAILED)", "KILLED": " (KILLED)"}[status]
+        print(f"MLflow run {self.run_name}{word}: {link}")
+        if self.log_file is not None:
+            print(f"log: {self.log_file}")
+
