@@ -6,6 +6,7 @@ never pickled modules.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -92,14 +93,20 @@ def load_torchvision_weights(
     """
     state = remap_torchvision_keys(_read_state_dict(state_dict_or_path))
     if not strict:
-        own = model.state_dict()
-        state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        state = matching_tensors(model, state)
     result = model.load_state_dict(state, strict=strict)
     if frozen_bn_eps is not None:
         set_frozen_bn_eps(model, frozen_bn_eps)
         if hasattr(model, "cfg"):
             model.cfg.backbone.norm_eps = frozen_bn_eps
     return result
+
+
+def matching_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of `state` that `model` has under the same name and shape: what carries over
+    to a model with another number of classes (its class-dependent predictors start fresh)."""
+    own = model.state_dict()
+    return {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
@@ -132,3 +139,30 @@ def build_from_state(model_config: dict[str, Any], state_dict: dict[str, torch.T
     model = build_model(cfg)
     model.load_state_dict(state_dict)
     return model
+
+
+# A logged model's files: the weights as a plain state dict, the config and label map as JSON.
+MODEL_FILES = ("weights.pt", "model_config.json", "label_map.json")
+
+
+def write_model_files(folder: str | os.PathLike, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
+                      label_map: dict[str, Any]) -> Path:
+    """`folder`/weights.pt, model_config.json and label_map.json (see `read_model_files`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, folder / "weights.pt")
+    (folder / "model_config.json").write_text(json.dumps(model_config, indent=2))
+    (folder / "label_map.json").write_text(json.dumps(label_map, indent=2))
+    return folder
+
+
+def read_model_files(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """The model rebuilt from a folder of `MODEL_FILES` (weights read with weights_only), and
+    its label map dict."""
+    folder = Path(folder)
+    for name in MODEL_FILES:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a logged mrcnn model: {name} is missing")
+    model = build_from_state(json.loads((folder / "model_config.json").read_text()),
+                             load_weights_file(folder / "weights.pt"))
+    return model, json.loads((folder / "label_map.json").read_text())

@@ -19,11 +19,13 @@ from helpers.servers import kill_job, ray_temp_dir, remove_ray_temp_dir
 from helpers.stores import make_store
 
 from mrcnn import build_model
+from mrcnn.checkpoint import write_model_files
 from mrcnn.data.images import decode_image
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from workflows import infer
 from workflows.config import validate
 from workflows.engine import predict_images, set_detection_limits
+from workflows.inference.inputs import SCHEMA
 from workflows.inference.outputs import safe_name
 from workflows.registry import load_model, log_model, register_model
 from workflows.tracking import mlflow_client, start_or_resume_run
@@ -43,9 +45,17 @@ def registered(tmp_path_factory, gapped_shapes):
     model = build_model(cfg["model"])
     run_id = start_or_resume_run(uri, "maskrcnn", "infer-model", {"model": cfg["model"]})
     client = mlflow_client(uri)
-    log_model(client, run_id, {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+    log_model(uri, run_id, {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
                                "label_map": {"category_ids": [3, 7, 11], "names": ["circle", "square", "triangle"]}})
     version = register_model(client, run_id, "shapes-infer", alias="champion")
+    # The same weights as a version of the older layout: the three files under a run's model/.
+    legacy_run = start_or_resume_run(uri, "maskrcnn", "infer-model-legacy", {"model": cfg["model"]})
+    folder = write_model_files(root / "legacy" / "model", model.state_dict(), model.cfg.to_dict(),
+                               {"category_ids": [3, 7, 11], "names": ["circle", "square", "triangle"]})
+    client.log_artifacts(legacy_run, str(folder), "model")
+    legacy = client.create_model_version("shapes-infer", f"{client.get_run(legacy_run).info.artifact_uri}/model",
+                                         run_id=legacy_run)
+    client.set_registered_model_alias("shapes-infer", "legacy", legacy.version)
     return {"uri": uri, "version": version, "root": root}
 
 
@@ -73,7 +83,7 @@ def test_folder_store_every_file_one_row(ray_local, registered, store, gapped_sh
     rows = rows_of(out)
     by_path = {r["path"]: r for r in rows}
     assert len(rows) == len(by_path) == len(expect)  # one row per input; readme.txt not taken
-    assert pq.read_schema(next(out.glob("*.parquet"))).equals(infer.SCHEMA, check_metadata=False)
+    assert pq.read_schema(next(out.glob("*.parquet"))).equals(SCHEMA, check_metadata=False)
     for rel, want in expect.items():
         row = by_path[str(root / rel)]
         assert row["model"] == f"models:/shapes-infer/{registered['version']}"
@@ -307,3 +317,103 @@ def test_two_thousand_images_on_two_actors_flat_memory_one_row_each(registered, 
     late = max(rss for t, rss in mem.samples if t >= (start + end) / 2)
     assert late <= 1.15 * early, f"peak RSS {early / 2**30:.2f} GiB in the first half, {late / 2**30:.2f} GiB after"
     ray.shutdown()
+
+
+def _model_folder(store_root: Path, dst: Path) -> list[Path]:
+    """Four shapes JPEGs and one as PNG, all 64 x 64 (batched alike in any grouping)."""
+    from PIL import Image
+
+    dst.mkdir()
+    files = []
+    for src in sorted(store_root.glob("0000*.jpg")):
+        files.append(dst / src.name)
+        files[-1].write_bytes(src.read_bytes())
+    Image.open(files[0]).save(dst / "as_png.png")
+    return [*files, dst / "as_png.png"]
+
+
+def test_the_registered_model_in_mlflow_predicts_what_infer_writes(ray_local, registered, store, tmp_path):
+    """`mlflow.pyfunc.load_model("models:/NAME@champion")` in a fresh process (MLflow's loader,
+    executing the logged code file) returns for real image files the rows `mrcnn-infer` wrote."""
+    files = _model_folder(store[0], tmp_path / "images")
+    out = tmp_path / "rows"
+    infer.run(job(tmp_path, str(tmp_path / "images"), str(out), registered, "infer.overlays=0"))
+    written = {r["path"]: r for r in rows_of(out)}
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "model = mlflow.pyfunc.load_model('models:/shapes-infer@champion')\n"
+        "paths = sys.argv[1:]\n"
+        "rows = model.predict(pd.DataFrame({'image': [open(p, 'rb').read() for p in paths]}),\n"
+        "                     params={'score_threshold': 0.05, 'max_detections': 20})\n"
+        "print(json.dumps(rows.to_dict('records')))\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "OMP_NUM_THREADS": "1"}  # as one-CPU actors
+    done = subprocess.run([sys.executable, "-c", script, *map(str, files)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = json.loads(done.stdout.strip().splitlines()[-1])
+    assert any(r["boxes"] for r in served), "degenerate: no detections to compare"
+    for path, row in zip(files, served):
+        want = written[str(path)]
+        assert row["error"] is None and (row["width"], row["height"]) == (want["width"], want["height"])
+        assert row["labels"] == want["labels"] and row["category_names"] == want["category_names"]
+        assert [m["counts"] for m in row["masks"]] == [m["counts"] for m in want["masks"]]
+        assert torch.allclose(torch.tensor(row["boxes"]).reshape(-1, 4), torch.tensor(want["boxes"]).reshape(-1, 4),
+                              atol=1e-4)
+        assert torch.allclose(torch.tensor(row["scores"]), torch.tensor(want["scores"]), atol=1e-6)
+
+
+def test_mlflow_serves_the_registered_model_over_http(registered, store, tmp_path):
+    """`mlflow models serve --env-manager local` on 127.0.0.1: JPEG and PNG bytes (base64 in the
+    JSON request) give rows, a broken file an error row, an empty body a 4xx."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from helpers.servers import free_port, wait_http
+
+    files = _model_folder(store[0], tmp_path / "images")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                             "models:/shapes-infer@champion", "--env-manager", "local", "-h", "127.0.0.1",
+                             "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(body: bytes) -> dict:
+        request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+
+    try:
+        wait_http(f"{url}/ping", timeout=240)
+        images = [files[0].read_bytes(), files[-1].read_bytes(), b"\x89PNG\r\n\x1a\n broken"]
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode()] for b in images]},
+                "params": {"score_threshold": 0.05, "max_detections": 20}}
+        rows = post(json.dumps(body).encode())["predictions"]
+        with pytest.raises(urllib.error.HTTPError) as empty:
+            post(b"")
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+        log.close()
+    assert len(rows) == 3
+    for row in rows[:2]:
+        assert row["error"] is None and (row["width"], row["height"]) == (64, 64)
+        assert len(row["boxes"]) == len(row["masks"]) == len(row["scores"]) <= 20 and set(row["labels"]) <= {3, 7, 11}
+    assert rows[0]["labels"] and rows[0]["masks"][0]["size"] == [64, 64]
+    assert rows[2]["boxes"] is None and "cannot decode" in rows[2]["error"]
+    assert 400 <= empty.value.code < 500
+
+
+def test_a_version_of_the_older_layout_still_loads_in_infer(ray_local, registered, store, tmp_path):
+    """A version registered before logged models (three files under a run's `model/`) segments
+    as the same weights logged today do."""
+    _model_folder(store[0], tmp_path / "images")
+    rows = {}
+    for alias in ("legacy", "champion"):
+        out = tmp_path / alias
+        infer.run(job(tmp_path, str(tmp_path / "images"), str(out), registered, "infer.overlays=0",
+                      f"infer.model=models:/shapes-infer@{alias}"))
+        rows[alias] = {r["path"]: {k: v for k, v in r.items() if not k.startswith("model")} for r in rows_of(out)}
+    assert rows["legacy"] == rows["champion"] and len(rows["legacy"]) == 5

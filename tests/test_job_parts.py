@@ -86,3 +86,38 @@ def test_model_uris_parse(uri, fields):
 def test_bad_model_uris_say_what_is_expected(uri):
     with pytest.raises(ValueError, match="expected"):
         ModelURI.parse(uri)
+
+
+def test_fine_tuning_carries_over_everything_but_the_class_predictors(tmp_path):
+    """`trainer.init_weights` from a registered model (or a training checkpoint) trained on 3
+    categories into a model for 2: backbone, FPN, RPN and the heads' shared layers carry over
+    exactly; the class-dependent predictors keep their fresh initialisation."""
+    import torch
+    from helpers.jobs import compose_job
+
+    from mrcnn import build_model
+    from mrcnn.checkpoint import save_checkpoint
+    from workflows.registry import log_model, register_model
+    from workflows.tracking import mlflow_client, start_or_resume_run
+    from workflows.worker import start_from
+
+    small = ["model.transform.min_size=[64]", "model.transform.max_size=64"]
+    parent = build_model(compose_job([*small, "model.num_classes=4"])["model"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_or_resume_run(uri, "maskrcnn", "parent", {})
+    labels = {"category_ids": [3, 7, 11], "names": ["circle", "square", "triangle"]}
+    log_model(uri, run_id, {"model": parent.state_dict(), "model_config": parent.cfg.to_dict(), "label_map": labels})
+    register_model(mlflow_client(uri), run_id, "parent")
+    save_checkpoint(tmp_path / "checkpoint.pt", parent, label_map=labels)
+    want = parent.state_dict()
+    predictors = {f"roi_heads.{m}.{p}" for m in ("box_predictor.cls_score", "box_predictor.bbox_pred",
+                                                  "mask_predictor.mask_fcn_logits") for p in ("weight", "bias")}
+    for source in ("models:/parent@candidate", str(tmp_path / "checkpoint.pt")):
+        torch.manual_seed(1)
+        child = build_model(compose_job([*small, "model.num_classes=3"])["model"])
+        before = {k: v.clone() for k, v in child.state_dict().items()}
+        start_from(child, source, uri, say_it=False)
+        got = child.state_dict()
+        assert {k for k in got if got[k].shape != want[k].shape} == predictors
+        for k, v in got.items():
+            assert torch.equal(v, before[k] if k in predictors else want[k]), (source, k)

@@ -70,4 +70,7 @@ def test_overfits_a_tiny_batch():
             assert len(hits), f"class {label} not detected"
             best = det["masks"][hits[0]]  # highest-scoring detection of that class
             iou = (best & gt_mask).sum() / (best | gt_mask).sum()
-            assert iou >= 0.8, iou
+            # Measured after 80 steps: 0.91-0.995 here (seeds 0 and 1, 1 and 2 threads), 0.72 on
+            # another machine of this kind; an untrained mask head scores near 0. The loss ratio
+            # above measured 0.017-0.03.
+            assert iou >= 0.5, iou

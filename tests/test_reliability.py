@@ -10,9 +10,15 @@ import torch
 from helpers.jobs import compose_job, tiny
 from helpers.servers import free_port
 
-from mrcnn.checkpoint import UnsafeWeightsError, load_checkpoint, load_torchvision_weights, load_weights_file
+from mrcnn.checkpoint import (
+    UnsafeWeightsError,
+    load_checkpoint,
+    load_torchvision_weights,
+    load_weights_file,
+    write_model_files,
+)
 from mrcnn.data.images import ImageDecodeError, decode_image
-from workflows.registry import read_model_dir, write_model_dir
+from workflows.registry import read_model_dir
 from workflows.train import run
 
 
@@ -35,7 +41,7 @@ def test_a_pickle_with_code_is_refused_and_never_run(tmp_path):
             load(evil)
     # The same file inside a logged-model folder.
     cfg = compose_job(["model.num_classes=2", "model.backbone.name=resnet18"])["model"]
-    folder = write_model_dir(tmp_path / "model", {}, cfg, {"category_ids": [1], "names": ["a"]})
+    folder = write_model_files(tmp_path / "model", {}, cfg, {"category_ids": [1], "names": ["a"]})
     (folder / "weights.pt").write_bytes(evil.read_bytes())
     with pytest.raises(UnsafeWeightsError):
         read_model_dir(folder)

@@ -125,7 +125,7 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
         bias[:] = -100.0
         bias[0] = 100.0
         blind_run = start_or_resume_run(url, "maskrcnn", "blind", {"model": payload["model_config"]})
-        log_model(client, blind_run, payload)
+        log_model(url, blind_run, payload)
         blind = registry_version(client, url, blind_run, eval_overrides)
         models_cli(["--tracking-uri", url, "alias", "shapes-sweep", blind, "champion", "--", *eval_overrides])
         models_cli(["--tracking-uri", url, "alias", "shapes-sweep", str(mv.version), "candidate", "--",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
+import mlflow
 import pytest
 from helpers.jobs import compose_job, tiny
 from helpers.servers import mlflow_server
@@ -45,6 +48,18 @@ def test_invalid_values_fail_before_ray(override, message):
         validate(compose_job([override]), "train")
 
 
+def two_category_copy(src: Path, dst: Path) -> Path:
+    """The dataset without its third category: 2 categories + background."""
+    shutil.copytree(src, dst)
+    for split in ("train", "val"):
+        p = dst / f"annotations/instances_{split}.json"
+        d = json.loads(p.read_text())
+        d["categories"] = [c for c in d["categories"] if c["id"] != 11]
+        d["annotations"] = [a for a in d["annotations"] if a["category_id"] != 11]
+        p.write_text(json.dumps(d))
+    return dst
+
+
 @pytest.mark.slow
 def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
     with mlflow_server(tmp_path / "mlflow") as url:
@@ -63,11 +78,18 @@ def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
         for name in ("system/images_per_s", "system/data_wait_share", "train/lr", "train/loss_mask"):
             assert name in r.data.metrics
         files = {f.path for f in client.list_artifacts(r.info.run_id)}
-        assert {"config.yaml", "model", "predictions", "data_report"} <= files
+        assert {"config.yaml", "predictions", "data_report"} <= files
         assert r.data.metrics["train/images_skipped"] == 0 and r.data.tags["data.train_problems"] == "0"
-        model_files = {f.path for f in client.list_artifacts(r.info.run_id, "model")}
-        assert model_files == {"model/weights.pt", "model/model_config.json", "model/label_map.json"}
-        assert client.get_model_version_by_alias("shapes-tiny", "candidate").run_id == first["run_id"]
+        # The run's model: an MLflow logged model (pyfunc from code) with the final AP linked to it.
+        logged = client.search_logged_models([r.info.experiment_id], filter_string=f"source_run_id = '{r.info.run_id}'")
+        assert len(logged) == 1 and logged[0].name == "model"
+        assert {m.key for m in logged[0].metrics} >= {"val/segm_AP", "val/bbox_AP"}
+        mv = client.get_model_version_by_alias("shapes-tiny", "candidate")
+        assert mv.run_id == first["run_id"] and mv.source == f"models:/{logged[0].model_id}"
+        folder = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=str(tmp_path / "dl"), tracking_uri=url))
+        assert {"MLmodel", "python_model.py"} <= {p.name for p in folder.iterdir()}
+        assert {p.name for p in (folder / "artifacts").iterdir()} == {"weights.pt", "model_config.json",
+                                                                     "label_map.json"}
 
         # Same run name, more epochs: resumes from the checkpoint into the same MLflow run.
         second = run(tiny(tmp_path / "out", gapped_shapes, "trainer.epochs=2", f"tracking.tracking_uri={url}",
@@ -84,6 +106,15 @@ def test_train_track_resume_and_evaluate(ray_local, gapped_shapes, tmp_path):
             load_model("models:/shapes-tiny@champion", url)
         with pytest.raises(ValueError, match="no registered model 'nope'"):
             load_model("models:/nope@champion", url)
+        # Fine-tuning the registered model on a dataset with another class count: the run says
+        # where it started; the class-dependent predictors start fresh (tests/test_job_parts.py).
+        other = two_category_copy(gapped_shapes, tmp_path / "two")
+        tuned = run(tiny(tmp_path / "out", other, "trainer.epochs=1", f"tracking.tracking_uri={url}",
+                         "run_name=tuned", "trainer.init_weights=models:/shapes-tiny@candidate"))
+        tags = client.get_run(tuned["run_id"]).data.tags
+        assert tags["init_weights"] == "models:/shapes-tiny@candidate" and tags["init_model_version"] == "shapes-tiny/1"
+        assert load_model(tuned["checkpoint"]).labels.category_ids == [3, 7]
+
         loaded = load_model(second["checkpoint"])
         ckpt_model, ckpt_labels = loaded.model, loaded.labels
         assert ckpt_labels.category_ids == [3, 7, 11]

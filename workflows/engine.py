@@ -1,7 +1,6 @@
 """The shared engine: one training epoch, and predicting a stream of batches into COCO results.
 
-The training loop (per-epoch evaluation), `mrcnn-evaluate` and the sweeps all call these; batch
-inference shares `predict_images`.
+The training loop (per-epoch evaluation), `mrcnn-evaluate` and the sweeps all call these.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ def run(cfg: dict[str, Any], name: str, metric: str = "segm_AP", force: bool = F
     The decision is an MLflow run (both evaluations as metrics) and a tag on the version."""
     with Job(cfg, "promote") as job:
         candidate_uri, champion_uri = f"models:/{name}@{CANDIDATE}", f"models:/{name}@{CHAMPION}"
-        check_model(candidate_uri, job.tracking_uri, "candidate")
+        check_model(candidate_uri, job.tracking_uri, CANDIDATE)
         try:
-            check_model(champion_uri, job.tracking_uri, "champion")
+            check_model(champion_uri, job.tracking_uri, CHAMPION)
             has_champion = True
         except ValueError:
             has_champion = False  # the first promotion
@@ -47,6 +47,6 @@ def run(cfg: dict[str, Any], name: str, metric: str = "segm_AP", force: bool = F
         client.set_tag(run_id, "decision", decision)
         client.set_model_version_tag(name, candidate.version, "promotion", decision)
         print(decision)
-        return {"decision": decision, "candidate": candidate.version,
-                "champion": champion.version if champion else None, "run_id": run_id,
+        return {"decision": decision, CANDIDATE: candidate.version,
+                CHAMPION: champion.version if champion else None, "run_id": run_id,
                 **{f"{who}_{metric}": m[metric] for who, m in scores.items()}}

@@ -1,30 +1,45 @@
-"""Models: the URIs a user names them by, the logged-model files, loading, logging and the
-MLflow model registry.
+"""Models: the URIs a user names them by, the logged models, loading, and the MLflow registry.
 
-A logged model is a folder of three files, never a pickled module:
+A run's final model is an MLflow 3 logged model of the pyfunc flavour, logged "from code"
+(`workflows/mlflow_pyfunc.py`, with the `mrcnn` package as code), so MLflow's own tools load and
+serve it. Its artifacts are three files, never a pickled module:
 
     weights.pt          state dict, read back with torch.load(weights_only=True)
     model_config.json   the resolved ModelConfig (our code rebuilds the model from it)
     label_map.json      {"category_ids": [...], "names": [...]} (label k <-> category_ids[k-1])
 
+This project's jobs read those files themselves and never execute the logged code. Versions
+registered before (the three files alone under a run's `model/`) load the same way.
+
 A model is named by a checkpoint.pt path written by training, `runs:/RUN_ID/model`,
-`models:/NAME@ALIAS` or `models:/NAME/VERSION` (`ModelURI.parse`).
+`models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/m-ID` (`ModelURI.parse`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy as np
+import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mrcnn.checkpoint import build_from_state, load_checkpoint, load_weights_file
+import mrcnn
+from mrcnn.checkpoint import (
+    MODEL_FILES,
+    load_checkpoint,
+    load_weights_file,
+    read_model_files,
+    remap_torchvision_keys,
+    write_model_files,
+)
 from mrcnn.data.coco import CategoryMap
 from workflows.tracking import metric_key, mlflow_client
 
@@ -38,10 +53,12 @@ DEFAULT_MODEL_NAME = "maskrcnn"
 @dataclass(frozen=True)
 class ModelURI:
     """What a user names a model by. kind: "registry" (`models:/NAME@ALIAS` or
-    `models:/NAME/VERSION`), "run" (`runs:/RUN_ID/PATH`) or "file" (a checkpoint.pt path)."""
+    `models:/NAME/VERSION`), "logged" (`models:/m-ID`, an MLflow 3 logged model), "run"
+    (`runs:/RUN_ID/PATH`) or "file" (a checkpoint.pt or torchvision weights path)."""
 
     uri: str
     kind: str
+    model_id: str | None = None
     name: str | None = None
     alias: str | None = None
     version: str | None = None
@@ -52,6 +69,8 @@ class ModelURI:
     def parse(cls, uri: str) -> ModelURI:
         if uri.startswith("models:/"):
             body = uri[len("models:/"):]
+            if body.startswith("m-") and "/" not in body and "@" not in body:
+                return cls(uri, "logged", model_id=body)
             if "@" in body:
                 name, alias = body.split("@", 1)
                 if name and alias and "/" not in name:
@@ -85,40 +104,92 @@ class LoadedModel:
     run_id: str | None = None  # the MLflow run that logged it, when known
 
 
-def write_model_dir(folder: str | Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
-                    label_map: dict[str, Any]) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, folder / "weights.pt")
-    (folder / "model_config.json").write_text(json.dumps(model_config, indent=2))
-    (folder / "label_map.json").write_text(json.dumps(label_map, indent=2))
-    return folder
+PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
 
 
 def read_model_dir(folder: str | Path) -> tuple[torch.nn.Module, CategoryMap]:
+    """A downloaded logged model (its files under `artifacts/`) or a model folder of the older
+    layout (the files at its top) -> (model, labels); weights read with weights_only."""
     folder = Path(folder)
-    for name in ("weights.pt", "model_config.json", "label_map.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not a logged mrcnn model: {name} is missing")
-    cfg = json.loads((folder / "model_config.json").read_text())
-    model = build_from_state(cfg, load_weights_file(folder / "weights.pt"))
-    return model, CategoryMap.from_dict(json.loads((folder / "label_map.json").read_text()))
+    if (folder / "artifacts" / MODEL_FILES[0]).is_file():
+        folder = folder / "artifacts"
+    model, label_map = read_model_files(folder)
+    return model, CategoryMap.from_dict(label_map)
 
 
-def log_model(client: MlflowClient, run_id: str, checkpoint: dict[str, Any]) -> None:
-    """Log a training checkpoint's weights, model config and label map as the run's `model`."""
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    import PIL
+    import pycocotools  # noqa: F401 - installed with its version in the metadata
+    import torchvision
+
+    return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+            f"torchvision=={torchvision.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+            f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}", f"pycocotools=={version('pycocotools')}"]
+
+
+def _signature():
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
+    params = ParamSchema([ParamSpec("score_threshold", "double", 0.5), ParamSpec("max_detections", "long", 100)])
+    return ModelSignature(inputs=inputs, params=params)
+
+
+def _input_example() -> pd.DataFrame:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buf, format="PNG")
+    return pd.DataFrame({"image": [buf.getvalue()]})
+
+
+def log_model(tracking_uri: str, run_id: str, checkpoint: dict[str, Any], step: int | None = None,
+              metrics: dict[str, float] | None = None) -> str:
+    """Log a training checkpoint's weights, model config and label map as the run's logged
+    model `model` (pyfunc from code, with a signature, an input example and pinned
+    requirements); `metrics` (the final evaluation) are linked to it, so MLflow ranks the
+    experiment's models by them. Returns the logged model's id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        d = write_model_dir(Path(tmp) / ARTIFACT_PATH, checkpoint["model"], checkpoint["model_config"],
-                            checkpoint["label_map"])
-        client.log_artifacts(run_id, str(d), ARTIFACT_PATH)
+        write_model_files(tmp, checkpoint["model"], checkpoint["model_config"], checkpoint["label_map"])
+        artifacts = {"weights": f"{tmp}/weights.pt", "model_config": f"{tmp}/model_config.json",
+                     "label_map": f"{tmp}/label_map.json"}
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=ARTIFACT_PATH, python_model=str(PYFUNC_FILE), artifacts=artifacts,
+                code_paths=[str(Path(mrcnn.__file__).parent)], signature=_signature(),
+                input_example=_input_example(), pip_requirements=_requirements(), step=step or 0)
+    client = mlflow_client(tracking_uri)
+    client.update_run(run_id, status="RUNNING")  # the job, not the logging, ends the run
+    for key, value in (metrics or {}).items():
+        if value == value:  # NaN skipped
+            client.log_metric(run_id, metric_key(key), float(value), step=step or 0, model_id=info.model_id)
+    return info.model_id
+
+
+def run_model_id(client: MlflowClient, run_id: str) -> str | None:
+    """The newest logged model of a run (None: none, or a run of the older layout)."""
+    run = client.get_run(run_id)
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    models = [m for m in models if m.name == ARTIFACT_PATH]
+    return max(models, key=lambda m: m.creation_timestamp).model_id if models else None
 
 
 def register_model(client: MlflowClient, run_id: str, name: str, alias: str | None = CANDIDATE) -> str:
-    """A new version of `name` from the run's logged model, addressed by `alias`."""
+    """A new version of `name` from the run's logged model (or its `model/` folder of the older
+    layout), addressed by `alias`."""
     with contextlib.suppress(MlflowException):  # it may exist already
         client.create_registered_model(name)
-    source = f"{client.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}"
-    version = client.create_model_version(name, source, run_id=run_id)
+    model_id = run_model_id(client, run_id)
+    if model_id:
+        version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    else:
+        source = f"{client.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}"
+        version = client.create_model_version(name, source, run_id=run_id)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
@@ -145,43 +216,58 @@ def resolve_version(client: MlflowClient, uri: str | ModelURI, tracking_uri: str
 
 def check_model(uri: str, tracking_uri: str, key: str) -> str:
     """Resolve a model before any Ray work: the registry version (to pin for every reader, even
-    if the alias moves meanwhile), the run id, or the absolute checkpoint path. Raises naming
-    the config `key`."""
+    if the alias moves meanwhile), the logged model or run id, or the absolute file path.
+    Raises naming the config `key`."""
     try:
         ref = ModelURI.parse(uri)
         if ref.kind == "registry":
             return str(resolve_version(mlflow_client(tracking_uri), ref, tracking_uri).version)
     except ValueError as e:
         raise ValueError(f"{key}: {e}") from None
+    client = mlflow_client(tracking_uri)
+    if ref.kind == "logged":
+        try:
+            client.get_logged_model(ref.model_id)
+        except MlflowException as e:
+            raise ValueError(f"{key}: {uri} does not exist ({e.message})") from None
+        return ref.model_id
     if ref.kind == "run":
         try:
-            files = {f.path for f in mlflow_client(tracking_uri).list_artifacts(ref.run_id, ref.path)}
+            if ref.path == ARTIFACT_PATH and run_model_id(client, ref.run_id):
+                return ref.run_id
+            files = {f.path for f in client.list_artifacts(ref.run_id, ref.path)}
         except Exception as e:  # noqa: BLE001 - MlflowException or a store error for an unknown run
             raise ValueError(f"{key}: {uri} does not exist ({e})") from None
         if not any(f.endswith("weights.pt") for f in files):
-            raise ValueError(f"{key}: {uri} holds no weights.pt (files: {sorted(files)})")
+            raise ValueError(f"{key}: {uri} holds no logged model (files: {sorted(files)})")
         return ref.run_id
     if not Path(uri).is_file():
         raise FileNotFoundError(f"{key}: {uri} is not a file nor a models:/ or runs:/ URI")
     return str(Path(uri).resolve())
 
 
+def model_source(client: MlflowClient, ref: ModelURI, tracking_uri: str) -> tuple[str, str | None, str | None]:
+    """Where a model URI's files are: (artifact URI to download, registry version, run id)."""
+    if ref.kind == "registry":
+        mv = resolve_version(client, ref, tracking_uri)
+        return mv.source, str(mv.version), mv.run_id  # a logged model's models:/m-ID, or a run folder
+    if ref.kind == "logged":
+        return ref.uri, None, client.get_logged_model(ref.model_id).source_run_id
+    model_id = run_model_id(client, ref.run_id) if ref.path == ARTIFACT_PATH else None
+    return (f"models:/{model_id}" if model_id else f"runs:/{ref.run_id}/{ref.path}"), None, ref.run_id
+
+
 def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
-    """Rebuild a model from a checkpoint path, `runs:/`, or `models:/` URI (weights_only load)."""
+    """Rebuild a model from a checkpoint path or a `runs:/` or `models:/` URI (weights_only
+    load; the logged code is never executed)."""
     ref = ModelURI.parse(uri)
     if ref.kind == "file":
         model, payload = load_checkpoint(uri)
         if "label_map" not in payload:
             raise ValueError(f"{uri} has no label map; it was not written by mrcnn-train")
         return LoadedModel(model, CategoryMap.from_dict(payload["label_map"]), uri)
-    import mlflow
-
     client = mlflow_client(tracking_uri)
-    version, run_id, source = None, ref.run_id, uri
-    if ref.kind == "registry":
-        mv = resolve_version(client, ref, tracking_uri)
-        version, run_id = str(mv.version), mv.run_id
-        source = mv.source  # the logged model's artifact URI, read against this tracking server
+    source, version, run_id = model_source(client, ref, tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             folder = mlflow.artifacts.download_artifacts(source, dst_path=tmp, tracking_uri=tracking_uri,
@@ -190,6 +276,19 @@ def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
             raise ValueError(f"{uri}: cannot download the model's files ({e.message})") from e
         model, labels = read_model_dir(folder)
     return LoadedModel(model, labels, uri, version, run_id)
+
+
+def initial_weights(uri: str, tracking_uri: str) -> dict[str, torch.Tensor]:
+    """The state dict training starts from (`trainer.init_weights`): any model `load_model`
+    takes, a training checkpoint, or a torchvision Mask R-CNN state dict file (older key names
+    remapped)."""
+    ref = ModelURI.parse(uri)
+    if ref.kind != "file":
+        return load_model(uri, tracking_uri).model.state_dict()
+    payload = load_weights_file(uri)
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        return payload["model"]  # a checkpoint of mrcnn-train
+    return remap_torchvision_keys(payload)
 
 
 def list_versions(client: MlflowClient, name: str, tracking_uri: str) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler
 from mrcnn.checkpoint import load_weights_file
 from workflows.config import flatten_space, set_path, training_params
 from workflows.job import Job, new_run_name
-from workflows.registry import ARTIFACT_PATH, DEFAULT_MODEL_NAME, log_model, register_model
+from workflows.registry import DEFAULT_MODEL_NAME, log_model, register_model, run_model_id
 from workflows.tracking import log_metrics, mlflow_client, start_or_resume_run
 from workflows.trainer import TrainingData, build_trainer, load_training_data, log_final_model
 
@@ -76,7 +76,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: TrainingData, 
                             callbacks=[TuneReportCallback()])
     result = trainer.fit()
     client = mlflow_client(uri)
-    log_final_model(client, run_id, result)
+    log_final_model(uri, run_id, result)
     client.set_tag(run_id, "sweep.status", "completed")
     client.set_terminated(run_id)
 
@@ -223,8 +223,10 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
                     0)
         client.set_tag(parent, "best_trial", best["trial_id"])
         child = children.get(best["trial_id"])
-        if child and not client.list_artifacts(child, ARTIFACT_PATH):
-            log_model(client, child, load_weights_file(Path(best["checkpoint"]) / "checkpoint.pt"))
+        if child and not run_model_id(client, child):  # the trial was stopped before it logged its model
+            payload = load_weights_file(Path(best["checkpoint"]) / "checkpoint.pt")
+            log_model(uri, child, payload, step=payload.get("step"),
+                      metrics={metric: best[key]})
         registered = cfg["tracking"]["registered_model"] or DEFAULT_MODEL_NAME
         if child:
             version = register_model(client, child, registered, sweep_cfg["register_alias"])

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from workflows.config import training_params
 from workflows.job import Job
-from workflows.registry import CANDIDATE, register_model
+from workflows.registry import CANDIDATE, ModelURI, check_model, register_model
 from workflows.trainer import TrainingData, build_trainer, load_training_data, log_final_model
 
 
@@ -27,6 +27,19 @@ def log_data_report(client: MlflowClient, run_id: str, data: TrainingData) -> No
         client.log_text(run_id, str(split.report) + "\n", f"data_report/{split.name}.txt")
         # tags, not metrics: one number each, no chart to draw
         client.set_tag(run_id, f"data.{split.name}_problems", str(sum(split.report.counts.values())))
+
+
+def starting_point(init_weights: str | None, tracking_uri: str) -> dict[str, str]:
+    """Tags naming the model a fine-tuning run starts from (checked before any Ray work):
+    `init_weights`, and `init_model_version` (NAME/VERSION) for a registered one."""
+    if not init_weights:
+        return {}
+    resolved = check_model(init_weights, tracking_uri, "trainer.init_weights")
+    ref = ModelURI.parse(init_weights)
+    tags = {"init_weights": init_weights}
+    if ref.kind == "registry":
+        tags["init_model_version"] = f"{ref.name}/{resolved}"
+    return tags
 
 
 def report_unlogged(unlogged: list[str], run_id: str, folder: Path) -> None:
@@ -47,8 +60,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     with Job(cfg, "train") as job:
         cfg = job.cfg
         data = load_training_data(cfg)
+        tags = starting_point(cfg["trainer"]["init_weights"], job.tracking_uri)
         job.start_ray()
-        run_id = job.open_run("mrcnn", training_params(cfg), name=cfg["run_name"])
+        run_id = job.open_run("mrcnn", training_params(cfg), tags=tags, name=cfg["run_name"])
+        if "init_model_version" in tags:  # every worker loads the version checked, even if the alias moves
+            cfg["trainer"]["init_weights"] = f"models:/{tags['init_model_version']}"
         cfg["run_name"] = job.run_name
         log_data_report(job.client, run_id, data)
         storage = Path(cfg["output_dir"]) / "ray_results"
@@ -57,7 +73,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         report_unlogged((result.metrics or {}).get("mlflow_unlogged") or [], run_id, storage / job.run_name)
         registered = cfg["tracking"]["registered_model"]
         try:
-            checkpoint = log_final_model(job.client, run_id, result)
+            checkpoint = log_final_model(job.tracking_uri, run_id, result)
             version = register_model(job.client, run_id, registered) if registered and checkpoint else None
         except MlflowException as e:
             where = f"{result.checkpoint.path}/checkpoint.pt" if result.checkpoint else "none"

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -97,12 +96,13 @@ def build_trainer(
     )
 
 
-def log_final_model(client: MlflowClient, run_id: str, result: Result) -> str | None:
-    """Log the fitted run's last checkpoint as the MLflow run's model; returns the checkpoint
-    file's path (None when the run saved none)."""
+def log_final_model(tracking_uri: str, run_id: str, result: Result) -> str | None:
+    """Log the fitted run's last checkpoint as the MLflow run's logged model, its final
+    evaluation linked to it; returns the checkpoint file's path (None when the run saved none)."""
     if result.checkpoint is None:
         return None
     with result.checkpoint.as_directory() as d:
         payload = load_weights_file(Path(d) / "checkpoint.pt")
-    log_model(client, run_id, payload)
+    final = {k: v for k, v in (result.metrics or {}).items() if k.startswith(("bbox_", "segm_"))}
+    log_model(tracking_uri, run_id, payload, step=payload.get("step"), metrics=final)
     return f"{result.checkpoint.path}/checkpoint.pt"

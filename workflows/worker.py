@@ -20,13 +20,14 @@ import torch
 import torch.distributed as dist
 
 from mrcnn import build_model
-from mrcnn.checkpoint import load_torchvision_weights, load_weights_file, save_checkpoint
+from mrcnn.checkpoint import load_weights_file, matching_tensors, save_checkpoint
 from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_side_by_side
 from workflows.allocator import reuse_large_blocks
 from workflows.compat import quiet_consoles
 from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
+from workflows.registry import initial_weights
 from workflows.storage import read_bytes
 from workflows.tracking import RunLogger, metric_key
 
@@ -93,7 +94,7 @@ def setup(config: dict[str, Any]) -> Worker:
     device = ray.train.torch.get_device()
     model = build_model(cfg["model"])
     if trainer_cfg["init_weights"]:
-        load_torchvision_weights(model, trainer_cfg["init_weights"], strict=False)
+        start_from(model, trainer_cfg["init_weights"], config["tracking_uri"], say_it=rank == 0)
     model = ray.train.torch.prepare_model(model)
     core = getattr(model, "module", model)
     total_batch = trainer_cfg["batch_size"] * world
@@ -109,6 +110,18 @@ def setup(config: dict[str, Any]) -> Worker:
         say(f"{world} worker(s), {torch.get_num_threads()} torch threads each")
     return Worker(cfg, CategoryMap.from_dict(config["label_map"]), rank, world, device, model, core, optimizer,
                   scheduler, scaler, total_steps, total_batch, logger, config["run_id"])
+
+
+def start_from(model: torch.nn.Module, uri: str, tracking_uri: str, say_it: bool) -> None:
+    """Fine-tuning: the weights of `uri` (`trainer.init_weights`) whose names and shapes match;
+    the rest (the predictors of another number of classes) keep their fresh initialisation."""
+    state = initial_weights(uri, tracking_uri)
+    matching = matching_tensors(model, state)
+    model.load_state_dict(matching, strict=False)
+    if say_it:
+        fresh = sorted({k.rsplit(".", 1)[0] for k in model.state_dict() if k not in matching})
+        say(f"started from {uri}: {len(matching)} of {len(model.state_dict())} tensors loaded; fresh: "
+            + (", ".join(fresh) if fresh else "none"))
 
 
 def resume(w: Worker) -> tuple[int, int]:

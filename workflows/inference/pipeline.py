@@ -13,9 +13,9 @@ import ray
 import torch
 
 from mrcnn.data.images import ImageDecodeError, decode_image
-from mrcnn.masks import encode_masks
+from mrcnn.segment import ROW_FIELDS, error_row, segment_images
 from workflows.allocator import reuse_large_blocks
-from workflows.engine import predict_images, set_detection_limits
+from workflows.engine import set_detection_limits
 from workflows.inference.inputs import SCHEMA
 from workflows.registry import load_model
 from workflows.storage import read_bytes
@@ -60,30 +60,15 @@ class Predictor:
         self.uri, self.version = model_uri, version
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        paths, errors = list(batch["path"]), [str(e) or None for e in batch["error"]]
+        errors = [str(e) or None for e in batch["error"]]
         good = [i for i, e in enumerate(errors) if e is None]
-        images = [torch.from_numpy(np.ascontiguousarray(batch["image"][i])).permute(2, 0, 1) for i in good]
-        preds = {}
-        if images:
-            preds = dict(zip(good, predict_images(self.model, [im.to(self.device).float() / 255 for im in images])))
-        rows = {name: [] for name in SCHEMA.names}
-        for i, path in enumerate(paths):
-            p = preds.get(i)
-            h, w = (batch["image"][i].shape[:2]) if p is not None else (None, None)
-            labels = [self.labels.category_id(int(k)) for k in p["labels"]] if p is not None else []
-            names = [self.labels.names[int(k) - 1] for k in p["labels"]] if p is not None else []
-            rows["path"].append(path)
-            rows["width"].append(w)
-            rows["height"].append(h)
-            rows["boxes"].append(p["boxes"].tolist() if p is not None else None)
-            rows["scores"].append(p["scores"].tolist() if p is not None else None)
-            rows["labels"].append(labels if p is not None else None)
-            rows["category_names"].append(names if p is not None else None)
-            rows["masks"].append(encode_masks(p["masks"]) if p is not None else None)
-            rows["model"].append(self.uri)
-            rows["model_version"].append(self.version)
-            rows["error"].append(errors[i])
-        return pa.Table.from_pydict(rows, schema=SCHEMA)
+        rows = [error_row(e) if e else None for e in errors]
+        for i, row in zip(good, segment_images(self.model, [batch["image"][i] for i in good], self.labels,
+                                               self.device)):
+            rows[i] = row
+        columns = {name: [row[name] for row in rows] for name in ROW_FIELDS}
+        return pa.Table.from_pydict({"path": list(batch["path"]), **columns, "model": [self.uri] * len(rows),
+                                     "model_version": [self.version] * len(rows)}, schema=SCHEMA)
 
 
 def write_rows(ds: ray.data.Dataset, infer: dict[str, Any], s3: dict[str, Any], model_uri: str, tracking_uri: str,
