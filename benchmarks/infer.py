@@ -32,8 +32,9 @@ from mrcnn import build_model  # noqa: E402
 from mrcnn.checkpoint import save_checkpoint  # noqa: E402
 from mrcnn.data.images import decode_image  # noqa: E402
 from mrcnn.data.shapes import write_shapes_dataset  # noqa: E402
+from mrcnn.segment import predict_images  # noqa: E402
 from workflows import infer  # noqa: E402
-from workflows.engine import predict_images, set_detection_limits  # noqa: E402
+from workflows.engine import set_detection_limits  # noqa: E402
 
 
 def main() -> None:

@@ -37,21 +37,28 @@ def error_row(message: str) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def predict_images(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """images: float[3, H, W] in [0, 1] on the model's device -> per image `boxes` float[N, 4],
+    `labels` int64[N], `scores` float[N], `masks` bool[N, H, W], on the CPU (eval mode, the
+    model's mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        preds = model(images)
+    finally:
+        model.train(was_training)
+    return [{k: v.cpu() for k, v in p.items()} for p in preds]
+
+
 def segment_images(model: torch.nn.Module, images: list[np.ndarray], labels: CategoryMap,
                    device: torch.device | str = "cpu") -> list[dict[str, Any]]:
-    """images: uint8[H, W, 3] RGB -> one row each, predicted in one call (eval mode)."""
+    """images: uint8[H, W, 3] RGB -> one row each, predicted in one call."""
     if not images:
         return []
     tensors = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).to(device).float() / 255
                for im in images]
-    was_training = model.training
-    model.eval()
-    try:
-        preds = model(tensors)
-    finally:
-        model.train(was_training)
-    return [detection_row({k: v.cpu() for k, v in p.items()}, labels, im.shape[0], im.shape[1])
-            for p, im in zip(preds, images)]
+    return [detection_row(p, labels, im.shape[0], im.shape[1])
+            for p, im in zip(predict_images(model, tensors), images)]
 
 
 def segment_encoded(model: torch.nn.Module, items: list[tuple[bytes | None, str]], labels: CategoryMap,

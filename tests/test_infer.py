@@ -22,9 +22,10 @@ from mrcnn import build_model
 from mrcnn.checkpoint import write_model_files
 from mrcnn.data.images import decode_image
 from mrcnn.evaluation.coco_eval import coco_ground_truth
+from mrcnn.segment import predict_images
 from workflows import infer
 from workflows.config import validate
-from workflows.engine import predict_images, set_detection_limits
+from workflows.engine import set_detection_limits
 from workflows.inference.inputs import SCHEMA
 from workflows.inference.outputs import safe_name
 from workflows.registry import load_model, log_model, register_model

@@ -102,6 +102,15 @@ def test_readme_commands_work_as_written(guide):
     assert "segmented 7 images" in out and "1 errors" in out and "broken.jpg" in out
     assert "name: resnet50" in out  # --cfg job printed the composed config
 
+    # Every training run and sweep trial logged its model; MLflow ranks them by the linked AP.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(guide["uri"])
+    exp = client.get_experiment_by_name("maskrcnn").experiment_id
+    ranked = client.search_logged_models([exp], order_by=[{"field_name": "metrics.val/segm_AP", "ascending": False}])
+    ap = [next(m.value for m in lm.metrics if m.key == "val/segm_AP") for lm in ranked]
+    assert len(ranked) == 6 and ap == sorted(ap, reverse=True)  # shapes-a, shapes-b, 4 trials
+
 
 @pytest.mark.slow
 def test_notebooks_run_on_what_the_commands_made(guide, tmp_path):
@@ -146,5 +155,6 @@ def test_mlflow_ui_shows_runs_sweeps_and_models_in_a_real_browser(guide, tmp_pat
     assert "model.backbone.name" in text["compare"] and "resnet34" in text["compare"]
     assert "bb-anchors" in text["runs_chart"] and "shapes-b" in text["runs_chart"]
     assert "Version 2" in text["model"] and "@ champion" in text["model"] and "@ candidate" in text["model"]
+    assert "val/segm_AP" in text["models_tab"] and "Ready" in text["models_tab"]
     for name in text:
         assert (tmp_path / "screenshots" / f"{name}.png").stat().st_size > 10_000

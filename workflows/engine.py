@@ -15,6 +15,7 @@ import torch
 from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import evaluate_coco, to_coco_results
 from mrcnn.masks import encode_masks
+from mrcnn.segment import predict_images
 from workflows.ingest import batch_to_model_inputs
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
@@ -118,19 +119,6 @@ def set_detection_limits(model: torch.nn.Module, score_threshold: float, max_det
     model.cfg.roi_heads.score_thresh = score_threshold
     model.cfg.roi_heads.detections_per_img = max_detections
     return model
-
-
-@torch.no_grad()
-def predict_images(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """images: float[3, H, W] in [0, 1] on the model's device -> per image `boxes` float[N, 4],
-    `labels` int64[N], `scores` float[N], `masks` bool[N, H, W], on the CPU."""
-    was_training = model.training
-    model.eval()
-    try:
-        preds = model(images)
-    finally:
-        model.train(was_training)
-    return [{k: v.cpu() for k, v in p.items()} for p in preds]
 
 
 def predict_to_coco(

@@ -20,7 +20,7 @@ def ui_pages(base: str, client: MlflowClient, run_id: str, sweep_run_id: str,
              model: str) -> dict[str, tuple[str, str]]:
     """The pages a user opens, each with a text it shows once its data has loaded: a training
     run's charts and artifacts, a sweep's trials compared, the experiment's runs in the chart
-    view, a registered model."""
+    view, a registered model, the experiment's logged models."""
     run = client.get_run(run_id)
     exp = run.info.experiment_id
     trials = [r.info.run_id for r in client.search_runs(
@@ -32,6 +32,7 @@ def ui_pages(base: str, client: MlflowClient, run_id: str, sweep_run_id: str,
                     "Parallel Coordinates Plot"),
         "runs_chart": (f"{base}/#/experiments/{exp}/runs?{ML}&compareRunsMode=CHART", run.info.run_name),
         "model": (f"{base}/#/models/{model}?{ML}", "champion"),
+        "models_tab": (f"{base}/#/experiments/{exp}/models?{ML}", run.info.run_name),
     }
 
 
