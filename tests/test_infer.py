@@ -76,6 +76,7 @@ def rows_of(folder: Path) -> list[dict]:
     return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
+@pytest.mark.slow
 def test_folder_store_every_file_one_row(ray_local, registered, store, gapped_shapes, tmp_path):
     root, expect = store
     out = tmp_path / "rows"
@@ -147,6 +148,7 @@ def test_folder_store_every_file_one_row(ray_local, registered, store, gapped_sh
     assert sorted(r["path"] for r in rows_of(out)) == sorted(by_path)
 
 
+@pytest.mark.slow
 def test_same_store_on_s3_and_from_a_manifest(ray_local, registered, store, tmp_path):
     root, expect = store
     local = tmp_path / "local"
@@ -333,6 +335,7 @@ def _model_folder(store_root: Path, dst: Path) -> list[Path]:
     return [*files, dst / "as_png.png"]
 
 
+@pytest.mark.slow
 def test_the_registered_model_in_mlflow_predicts_what_infer_writes(ray_local, registered, store, tmp_path):
     """`mlflow.pyfunc.load_model("models:/NAME@champion")` in a fresh process (MLflow's loader,
     executing the logged code file) returns for real image files the rows `mrcnn-infer` wrote."""
@@ -363,6 +366,7 @@ def test_the_registered_model_in_mlflow_predicts_what_infer_writes(ray_local, re
         assert torch.allclose(torch.tensor(row["scores"]), torch.tensor(want["scores"]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mlflow_serves_the_registered_model_over_http(registered, store, tmp_path):
     """`mlflow models serve --env-manager local` on 127.0.0.1: JPEG and PNG bytes (base64 in the
     JSON request) give rows, a broken file an error row, an empty body a 4xx."""
@@ -407,6 +411,7 @@ def test_mlflow_serves_the_registered_model_over_http(registered, store, tmp_pat
     assert 400 <= empty.value.code < 500
 
 
+@pytest.mark.slow
 def test_a_version_of_the_older_layout_still_loads_in_infer(ray_local, registered, store, tmp_path):
     """A version registered before logged models (three files under a run's `model/`) segments
     as the same weights logged today do."""

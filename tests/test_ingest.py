@@ -111,6 +111,7 @@ def _collect_ids(config):
             json.dump({"ids": ids, "node": ray.get_runtime_context().get_node_id()}, f)
 
 
+@pytest.mark.slow
 def test_two_workers_see_each_image_exactly_once_per_epoch(ray_local, shapes_root, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -141,6 +142,7 @@ def _cpu_seconds(proc) -> float:
     return t.user + t.system
 
 
+@pytest.mark.slow
 def test_split_rests_while_its_consumer_is_slow(ray_local):
     """A training split whose consumer is slower than decoding ends up with its tasks paused by
     backpressure; its coordinator must then leave the cores to training (Ray Data's own
