@@ -225,7 +225,7 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Value checks: every one a job makes before any Ray work, in one place.
 
-JOBS = ("train", "tune", "evaluate", "promote", "infer")
+JOBS = ("train", "sweep", "evaluate", "promote", "infer")
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform")
 
 
@@ -236,9 +236,9 @@ def validate(cfg: dict[str, Any], job: str = "train", cpus: float | None = None)
     if job not in JOBS:
         raise ValueError(f"unknown job {job!r}: one of {', '.join(JOBS)}")
     errors = model_errors(cfg) + data_errors(cfg["data"])
-    if job in ("train", "tune"):
+    if job in ("train", "sweep"):
         errors += trainer_errors(cfg["trainer"])
-    if job == "tune":
+    if job == "sweep":
         errors += sweep_errors(cfg)
     if job == "infer":
         errors += infer_errors(cfg["infer"], cpus)

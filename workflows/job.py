@@ -1,4 +1,4 @@
-"""The frame every job (train, tune, evaluate, promote, infer) runs inside.
+"""The frame every job (train, sweep, evaluate, promote, infer) runs inside.
 
     with Job(cfg, "train") as job:          # paths absolute, validate, tracking checked, logging
         ...                                 # work that may fail before Ray: nothing is recorded
@@ -211,7 +211,7 @@ class Job:
                   f"{str(e).splitlines()[0][:300]}", file=sys.stderr)
             return
         word = {"FINISHED": "", "FAILED": " (FAILED)", "KILLED": " (KILLED)"}[status]
-        print(f"MLflow run {self.run_name}{word}: {link}")
+        print(f"MLflow run {self.run_name}{word}; open the MLflow UI: {link}")
         if self.log_file is not None:
             print(f"log: {self.log_file}")
 

@@ -268,6 +268,8 @@ def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
         return LoadedModel(model, CategoryMap.from_dict(payload["label_map"]), uri)
     client = mlflow_client(tracking_uri)
     source, version, run_id = model_source(client, ref, tracking_uri)
+    if source.startswith("models:/"):  # read where this store keeps it: MLflow's own resolver
+        source = client.get_logged_model(source[len("models:/"):]).artifact_location  # asks the default store
     with tempfile.TemporaryDirectory() as tmp:
         try:
             folder = mlflow.artifacts.download_artifacts(source, dst_path=tmp, tracking_uri=tracking_uri,

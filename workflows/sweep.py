@@ -152,7 +152,7 @@ def concurrent_trials(cfg: dict[str, Any], wanted: int) -> int:
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) the sweep; returns {parent_run_id, best, rows, version, tracking_uri}."""
-    with Job(cfg, "tune") as job:
+    with Job(cfg, "sweep") as job:
         cfg = job.cfg
         sweep_cfg = cfg["sweep"]
         space = flatten_space(sweep_cfg["space"])

@@ -29,17 +29,18 @@ def log_data_report(client: MlflowClient, run_id: str, data: TrainingData) -> No
         client.set_tag(run_id, f"data.{split.name}_problems", str(sum(split.report.counts.values())))
 
 
-def starting_point(init_weights: str | None, tracking_uri: str) -> dict[str, str]:
-    """Tags naming the model a fine-tuning run starts from (checked before any Ray work):
-    `init_weights`, and `init_model_version` (NAME/VERSION) for a registered one."""
+def starting_point(init_weights: str | None, tracking_uri: str) -> tuple[str | None, dict[str, str]]:
+    """The model a fine-tuning run starts from, checked before any Ray work: the URI every
+    worker loads (a registry version pinned, even if its alias moves meanwhile; a file made
+    absolute) and the run's tags `init_weights` and, for a registered model,
+    `init_model_version` (NAME/VERSION)."""
     if not init_weights:
-        return {}
+        return None, {}
     resolved = check_model(init_weights, tracking_uri, "trainer.init_weights")
     ref = ModelURI.parse(init_weights)
-    tags = {"init_weights": init_weights}
     if ref.kind == "registry":
-        tags["init_model_version"] = f"{ref.name}/{resolved}"
-    return tags
+        return ref.pinned(resolved), {"init_weights": init_weights, "init_model_version": f"{ref.name}/{resolved}"}
+    return (resolved if ref.kind == "file" else init_weights), {"init_weights": init_weights}
 
 
 def report_unlogged(unlogged: list[str], run_id: str, folder: Path) -> None:
@@ -60,11 +61,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     with Job(cfg, "train") as job:
         cfg = job.cfg
         data = load_training_data(cfg)
-        tags = starting_point(cfg["trainer"]["init_weights"], job.tracking_uri)
+        init_weights, tags = starting_point(cfg["trainer"]["init_weights"], job.tracking_uri)
         job.start_ray()
         run_id = job.open_run("mrcnn", training_params(cfg), tags=tags, name=cfg["run_name"])
-        if "init_model_version" in tags:  # every worker loads the version checked, even if the alias moves
-            cfg["trainer"]["init_weights"] = f"models:/{tags['init_model_version']}"
+        cfg["trainer"]["init_weights"] = init_weights
         cfg["run_name"] = job.run_name
         log_data_report(job.client, run_id, data)
         storage = Path(cfg["output_dir"]) / "ray_results"
