@@ -378,9 +378,10 @@ def test_mlflow_serves_the_registered_model_over_http(registered, store, tmp_pat
 
     files = _model_folder(store[0], tmp_path / "images")
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
+    bin_dir = Path(sys.executable).parent  # `mlflow models serve` starts `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+    proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m",
                              "models:/shapes-infer@champion", "--env-manager", "local", "-h", "127.0.0.1",
                              "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
