@@ -199,7 +199,9 @@ class Job:
         return False
 
     def _end_run(self, exc: BaseException | None) -> None:
-        status = "FINISHED" if exc is None else "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        # Ray turns Ctrl-C during `ray.get` into SystemExit: an interrupt too.
+        status = "FINISHED" if exc is None else "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) \
+            else "FAILED"
         try:
             client = self.client
             if exc is not None:

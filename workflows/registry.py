@@ -154,6 +154,8 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: dict[str, Any], step: 
     experiment's models by them. Returns the logged model's id."""
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    client = mlflow_client(tracking_uri)
+    status = client.get_run(run_id).info.status  # the job, not the logging, ends the run
     with tempfile.TemporaryDirectory() as tmp:
         write_model_files(tmp, checkpoint["model"], checkpoint["model_config"], checkpoint["label_map"])
         artifacts = {"weights": f"{tmp}/weights.pt", "model_config": f"{tmp}/model_config.json",
@@ -163,8 +165,7 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: dict[str, Any], step: 
                 name=ARTIFACT_PATH, python_model=str(PYFUNC_FILE), artifacts=artifacts,
                 code_paths=[str(Path(mrcnn.__file__).parent)], signature=_signature(),
                 input_example=_input_example(), pip_requirements=_requirements(), step=step or 0)
-    client = mlflow_client(tracking_uri)
-    client.update_run(run_id, status="RUNNING")  # the job, not the logging, ends the run
+    client.update_run(run_id, status=status)
     for key, value in (metrics or {}).items():
         if value == value:  # NaN skipped
             client.log_metric(run_id, metric_key(key), float(value), step=step or 0, model_id=info.model_id)

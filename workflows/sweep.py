@@ -223,10 +223,10 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
                     0)
         client.set_tag(parent, "best_trial", best["trial_id"])
         child = children.get(best["trial_id"])
-        if child and not run_model_id(client, child):  # the trial was stopped before it logged its model
+        if child and not run_model_id(client, child):  # Tune ended the trial before it logged its model
             payload = load_weights_file(Path(best["checkpoint"]) / "checkpoint.pt")
-            log_model(uri, child, payload, step=payload.get("step"),
-                      metrics={metric: best[key]})
+            final = {k: v for k, v in client.get_run(child).data.metrics.items() if k.startswith("val/")}
+            log_model(uri, child, payload, step=payload.get("step"), metrics=final)
         registered = cfg["tracking"]["registered_model"] or DEFAULT_MODEL_NAME
         if child:
             version = register_model(client, child, registered, sweep_cfg["register_alias"])
