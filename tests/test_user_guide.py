@@ -150,7 +150,7 @@ def test_mlflow_ui_shows_runs_sweeps_and_models_in_a_real_browser(guide, tmp_pat
     sections = dict(re.findall(r"\b(train|val|data) \((\d+)\)", text["run_metrics"]))
     assert int(sections["train"]) >= 10 and int(sections["val"]) >= 4, sections  # losses; COCO AP and AR
     assert "epoch_loss_mask" in text["run_metrics"]
-    assert all(a in text["run_artifacts"] for a in ("predictions", "config.yaml", "model", "data_report"))
+    assert all(a in text["run_artifacts"] for a in ("predictions", "config.yaml", "data_report"))
     assert "Comparing 4 Runs" in text["compare"] and "Parallel Coordinates Plot" in text["compare"]
     assert "model.backbone.name" in text["compare"] and "resnet34" in text["compare"]
     assert "bb-anchors" in text["runs_chart"] and "shapes-b" in text["runs_chart"]
