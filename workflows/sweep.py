@@ -73,11 +73,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: TrainingData, 
     # Nested under the sweep's folder with the trial's stable id: a resumed sweep resumes this
     # Train run, and another sweep never does.
     trainer = build_trainer(cfg, data, run_id, uri, storage_path=sweep["trials_dir"], name=trial_id,
-                            callbacks=[TuneReportCallback()], log_model_in_worker=True)
+                            callbacks=[TuneReportCallback()])
     result = trainer.fit()
     client = mlflow_client(uri)
-    if not run_model_id(client, run_id):
-        log_final_model(uri, run_id, result)
+    log_final_model(uri, run_id, result)
     client.set_tag(run_id, "sweep.status", "completed")
     client.set_terminated(run_id)
 

@@ -62,7 +62,6 @@ def build_trainer(
     storage_path: str,
     name: str,
     callbacks: list | None = None,
-    log_model_in_worker: bool = False,
 ) -> TorchTrainer:
     """The TorchTrainer of one training run. Its Ray Train run `storage_path/name` holds the
     checkpoints: building it again with the same pair resumes from the last one. Workers log
@@ -78,7 +77,6 @@ def build_trainer(
             "cfg": cfg, "label_map": data.labels.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
             "num_train_images": len(data.train.records),
             "val_annotations": join(cfg["data"]["root"], cfg["data"]["val_annotations"]),
-            "log_model": log_model_in_worker,
         },
         torch_config=TorchConfig(backend="nccl" if trainer_cfg["use_gpu"] else "gloo"),
         scaling_config=ScalingConfig(num_workers=trainer_cfg["num_workers"], use_gpu=trainer_cfg["use_gpu"],

@@ -27,7 +27,7 @@ from mrcnn.visualization import draw_side_by_side
 from workflows.allocator import reuse_large_blocks
 from workflows.compat import quiet_consoles
 from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
-from workflows.registry import initial_weights, log_model
+from workflows.registry import initial_weights
 from workflows.storage import read_bytes
 from workflows.tracking import RunLogger, metric_key
 
@@ -242,17 +242,6 @@ def save_and_report(w: Worker, metrics: dict[str, float], epoch: int, step: int,
         ray.train.report(metrics, checkpoint=ckpt)
 
 
-def log_final_model_here(w: Worker, config: dict[str, Any], metrics: dict[str, float], step: int) -> None:
-    """Rank 0 logs the final model before the last report: a Tune trial's driver may be stopped
-    as soon as Tune has that report, before it could log the model itself."""
-    payload = {"model": w.core.state_dict(), "model_config": w.core.cfg.to_dict(), "label_map": w.labels.to_dict()}
-    try:
-        log_model(config["tracking_uri"], w.run_id, payload, step=step,
-                  metrics={k: v for k, v in metrics.items() if k.startswith(("bbox_", "segm_"))})
-    except Exception as e:  # noqa: BLE001 - MLflow away: the driver logs it from the checkpoint
-        say(f"WARNING: the final model could not be logged from the worker ({str(e).splitlines()[0][:200]})")
-
-
 def train_loop(config: dict[str, Any]) -> None:
     w = setup(config)
     trainer_cfg = w.cfg["trainer"]
@@ -288,7 +277,5 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics["mlflow_unlogged"] = unsent
         elif w.rank == 0:  # in MLflow before the report, after which Tune may stop this trial
             w.mlflow.flush()
-        if w.rank == 0 and last and config.get("log_model"):
-            log_final_model_here(w, config, metrics, step)
         save_and_report(w, metrics, epoch, step,
                         save=(epoch + 1) % trainer_cfg["checkpoint_every_epochs"] == 0 or last)
