@@ -29,7 +29,7 @@ from workflows.config import flatten_space, set_path, training_params
 from workflows.job import Job, new_run_name
 from workflows.registry import DEFAULT_MODEL_NAME, log_model, register_model, run_model_id
 from workflows.tracking import log_metrics, mlflow_client, start_or_resume_run
-from workflows.trainer import TrainingData, build_trainer, load_training_data, log_final_model
+from workflows.trainer import TrainingData, build_trainer, load_training_data
 
 TIME_ATTR = "epochs_completed"
 # The trial driver only builds and waits on its TorchTrainer: holding a CPU would deadlock it
@@ -74,11 +74,9 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], data: TrainingData, 
     # Train run, and another sweep never does.
     trainer = build_trainer(cfg, data, run_id, uri, storage_path=sweep["trials_dir"], name=trial_id,
                             callbacks=[TuneReportCallback()])
-    result = trainer.fit()
-    client = mlflow_client(uri)
-    log_final_model(uri, run_id, result)
-    client.set_tag(run_id, "sweep.status", "completed")
-    client.set_terminated(run_id)
+    trainer.fit()
+    # Nothing after fit(): Tune stops a trial's actor as soon as the trial reports its last
+    # epoch (ASHA's max_t) or is stopped early, so the sweep's driver logs each trial's model.
 
 
 def trial_outcome(result, max_epochs: int) -> str:
@@ -202,6 +200,8 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
         if child:
             client.set_tag(child, "sweep.status", row["status"])
             client.set_terminated(child, status="FAILED" if row["status"] == "failed" else "FINISHED")
+            if row["checkpoint"] and not run_model_id(client, child):  # a resumed sweep logged it before
+                log_trial_model(client, uri, child, row["checkpoint"])
     key = f"best_{metric}"
     ranked = [r for r in rows if r[key] == r[key] and r["checkpoint"]]
     best = (max if mode == "max" else min)(ranked, key=lambda r: r[key]) if ranked else None
@@ -223,16 +223,20 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
                     0)
         client.set_tag(parent, "best_trial", best["trial_id"])
         child = children.get(best["trial_id"])
-        if child and not run_model_id(client, child):  # Tune ended the trial before it logged its model
-            payload = load_weights_file(Path(best["checkpoint"]) / "checkpoint.pt")
-            final = {k: v for k, v in client.get_run(child).data.metrics.items() if k.startswith("val/")}
-            log_model(uri, child, payload, step=payload.get("step"), metrics=final)
         registered = cfg["tracking"]["registered_model"] or DEFAULT_MODEL_NAME
         if child:
             version = register_model(client, child, registered, sweep_cfg["register_alias"])
     print_summary(rows, key, best, name, version, cfg, space)
     return {"parent_run_id": parent, "best": best, "rows": rows, "version": version, "tracking_uri": uri,
             "children": children}
+
+
+def log_trial_model(client, uri: str, run_id: str, checkpoint_dir: str) -> None:
+    """A trial's last checkpoint as its run's logged model, linked to the run's last val metrics
+    (its final evaluation: trials evaluate every epoch)."""
+    payload = load_weights_file(Path(checkpoint_dir) / "checkpoint.pt")
+    final = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("val/")}
+    log_model(uri, run_id, payload, step=payload.get("step"), metrics=final)
 
 
 def print_summary(rows, key, best, name, version, cfg, space) -> None:
