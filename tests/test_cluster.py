@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers.jobs import tiny
+from helpers.jobs import compose_job, tiny
 from helpers.servers import ray_head
 from mlflow.tracking import MlflowClient
 
@@ -69,11 +69,17 @@ def test_two_jobs_submitted_to_one_ray_head_at_once(gapped_shapes, tmp_path, mon
         assert len([d for d in folder.glob("checkpoint_*") if d.is_dir()]) == 1
 
 
-def test_two_node_cluster_puts_a_worker_on_each_node(gapped_shapes, tmp_path):
+def test_two_node_cluster_trains_and_segments_on_both_nodes(gapped_shapes, tmp_path):
+    """One training worker on each node (STRICT_SPREAD), then `mrcnn-infer` with the model it
+    wrote: one predictor actor on each node, every image one row."""
+    import pyarrow.parquet as pq
     from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from workflows import infer
 
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
     cluster.add_node(num_cpus=2)
     pythonpath = os.pathsep.join([str(REPO / "tests"), str(REPO)])
     try:
@@ -86,6 +92,16 @@ def test_two_node_cluster_puts_a_worker_on_each_node(gapped_shapes, tmp_path):
         assert len(nodes) == 2 and len(set(nodes)) == 2
         assert set(nodes) <= {n["NodeID"] for n in ray.nodes()}
         assert result["metrics"]["step"] == 2
+
+        out = tmp_path / "rows"
+        infer.run(compose_job([f"output_dir={tmp_path / 'out'}", f"infer.input={gapped_shapes / 'val'}",
+                               f"infer.output={out}", f"infer.model={result['checkpoint']}", "infer.overlays=0",
+                               "infer.concurrency=2", "infer.cpus_per_actor=1.5",  # one predictor a node
+                               "infer.batch_size=2", "infer.rows_per_file=2"]))
+        actors = [a for a in list_actors(detail=True, limit=1000) if "Predictor" in (a.class_name or "")]
+        assert len({a.node_id for a in actors}) == 2, [(a.class_name, a.node_id) for a in actors]
+        paths = pq.read_table(out, columns=["path"]).column("path").to_pylist()
+        assert sorted(paths) == sorted(str(p) for p in (gapped_shapes / "val").glob("*.jpg"))
     finally:
         ray.shutdown()
         cluster.shutdown()

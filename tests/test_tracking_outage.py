@@ -3,6 +3,7 @@ server is back, and what never arrived is named."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -70,9 +71,12 @@ def test_logger_names_what_it_could_not_send(tmp_path, quick_failing_requests):
 
 @pytest.mark.slow
 def test_training_goes_on_through_an_outage_and_its_history_is_complete(ray_local, gapped_shapes, tmp_path):
-    """The server is stopped once the first step is logged and started again 10 s later (30 short
+    """The server is stopped once the first step is logged and started again 10 s later (12 short
     epochs: training outlasts the outage): the job finishes, and its run holds every step and the
-    evaluation."""
+    evaluation. One training image cannot be decoded: it is skipped, and counted each epoch."""
+    data = tmp_path / "corrupt"
+    shutil.copytree(gapped_shapes, data)
+    (data / "train/000003.jpg").write_bytes(b"not a jpeg at all")
     root, port = tmp_path / "mlflow", free_port()
     url = f"http://127.0.0.1:{port}"
     outage = {}
@@ -96,15 +100,18 @@ def test_training_goes_on_through_an_outage_and_its_history_is_complete(ray_loca
     watcher = threading.Thread(target=stop_and_restart, args=(first,), daemon=True)
     watcher.start()
     try:
-        result = run(tiny(tmp_path / "out", gapped_shapes, f"tracking.tracking_uri={url}", "trainer.epochs=30",
-                          "trainer.eval_every_epochs=10", "run_name=outage"))
+        result = run(tiny(tmp_path / "out", data, f"tracking.tracking_uri={url}", "trainer.epochs=12",
+                          "trainer.eval_every_epochs=6", "run_name=outage"))
         watcher.join(120)
         assert "down" in outage, "the server was never stopped: the test did not test anything"
         assert "mlflow_unlogged" not in result["metrics"]
         client = mlflow_client(url)
         total = result["metrics"]["step"]
         assert steps(client, result["run_id"], "train/loss") == list(range(1, total + 1))
-        assert len(steps(client, result["run_id"], "train/epochs_completed")) == 30
+        assert len(steps(client, result["run_id"], "train/epochs_completed")) == 12
+        assert total == 12 * 4  # the 7 good images in batches of 2
+        skipped = client.get_metric_history(result["run_id"], "train/images_skipped")
+        assert len(skipped) == 12 and {m.value for m in skipped} == {1}
         # Steps trained while the server was away arrived later, stamped with when they ran.
         during = [m for m in client.get_metric_history(result["run_id"], "train/loss")
                   if outage["down"] * 1000 < m.timestamp < outage["up"] * 1000]

@@ -181,69 +181,11 @@ def test_recovers_from_a_killed_worker(ray_local, gapped_shapes, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_driver_reruns_into_the_same_run_from_its_checkpoint(gapped_shapes, tmp_path):
-    """SIGKILL the driver of `mrcnn-train` (and every Ray process it started) after its first
-    checkpoint; the same command resumes from that checkpoint into the same MLflow run."""
-    import os
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import ray
-    from helpers.servers import kill_job, ray_temp_dir, remove_ray_temp_dir
-
-    ray.shutdown()
-    repo = Path(__file__).resolve().parents[1]
-    db = tmp_path / "mlflow.db"
-    args = [str(Path(sys.executable).parent / "mrcnn-train"), f"output_dir={tmp_path / 'out'}",
-            f"data.root={gapped_shapes}", "data.generate=null", "model.transform.min_size=[64]",
-            "model.transform.max_size=64",
-            "trainer.batch_size=2", "trainer.epochs=6", "trainer.log_every_steps=1",
-            f"tracking.tracking_uri=sqlite:///{db}", "run_name=crash"]
-    temp = ray_temp_dir("rk")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
-    env.update(RAY_TMPDIR=str(temp))
-    runs = tmp_path / "out" / "ray_results" / "crash"
-    proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        snapshot = runs / "checkpoint_manager_snapshot.json"  # Ray Train knows of a checkpoint
-        while time.time() < deadline and proc.poll() is None and not (
-                snapshot.exists() and "checkpoint_" in snapshot.read_text()):
-            time.sleep(0.3)
-        assert proc.poll() is None, "the job ended before it could be killed"
-        kill_job(proc, str(temp))
-        again = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        remove_ray_temp_dir(temp)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resumed from epoch" in again.stdout + again.stderr
-    client = MlflowClient(f"sqlite:///{db}")
-    found = client.search_runs([client.get_experiment_by_name("maskrcnn").experiment_id],
-                               filter_string="tags.ray_run_name = 'crash'")
-    assert len(found) == 1 and found[0].info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(found[0].info.run_id, "train/loss"))
-    assert steps == list(range(1, steps[-1] + 1)) and len(steps) >= 3
-    assert len(client.get_metric_history(found[0].info.run_id, "train/epochs_completed")) == 6
-
-
-@pytest.mark.slow
-def test_undecodable_training_image_is_skipped_counted_and_logged(ray_local, gapped_shapes, tmp_path):
-    root = tmp_path / "corrupt"
-    shutil.copytree(gapped_shapes, root)
-    (root / "train/000003.jpg").write_bytes(b"not a jpeg at all")
-    result = run(tiny(tmp_path / "out", root, "trainer.epochs=1", "run_name=corrupt"))
-    client = MlflowClient(result["tracking_uri"])
-    assert client.get_run(result["run_id"]).data.metrics["train/images_skipped"] == 1
-    assert result["metrics"]["step"] == 4  # the 7 good images in batches of 2
-
-
-@pytest.mark.slow
-def test_a_crashed_job_ends_failed_and_an_interrupted_one_killed(ray_local, gapped_shapes, tmp_path):
-    """A job whose training blows up ends its MLflow run FAILED with the error as a tag; a job
-    stopped with Ctrl-C (SIGINT to `mrcnn-train`) ends it KILLED and exits non-zero."""
+def test_interrupted_job_ends_killed_and_its_rerun_resumes_into_the_same_run(gapped_shapes, tmp_path):
+    """Ctrl-C (SIGINT) to `mrcnn-train` after its first checkpoint: it exits non-zero and its
+    MLflow run ends KILLED. The same command resumes from that checkpoint into the same run,
+    which ends FINISHED with every step logged once. (A driver killed outright, SIGKILL, is
+    resumed the same way: tests/test_sweep.py and tests/test_infer.py kill theirs.)"""
     import os
     import signal
     import subprocess
@@ -251,8 +193,61 @@ def test_a_crashed_job_ends_failed_and_an_interrupted_one_killed(ray_local, gapp
     import time
     from pathlib import Path
 
+    import ray
     from helpers.servers import ray_temp_dir, remove_ray_temp_dir
 
+    ray.shutdown()
+    repo = Path(__file__).resolve().parents[1]
+    db = tmp_path / "mlflow.db"
+    args = [str(Path(sys.executable).parent / "mrcnn-train"), f"output_dir={tmp_path / 'out'}",
+            f"data.root={gapped_shapes}", "data.generate=null", "model.transform.min_size=[64]",
+            "model.transform.max_size=64",
+            "trainer.batch_size=2", "trainer.epochs=4", "trainer.log_every_steps=1",
+            f"tracking.tracking_uri=sqlite:///{db}", "run_name=stopped"]
+    temp = ray_temp_dir("rk")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    env.update(RAY_TMPDIR=str(temp))
+    snapshot = tmp_path / "out" / "ray_results" / "stopped" / "checkpoint_manager_snapshot.json"
+    log_path = tmp_path / "stopped.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300  # until Ray Train has recorded a checkpoint
+            while time.time() < deadline and proc.poll() is None and not (
+                    snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+                time.sleep(0.3)
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            remove_ray_temp_dir(temp)
+    output = log_path.read_text()
+    assert code != 0, output[-3000:]
+    assert "MLflow run stopped (KILLED)" in output
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("maskrcnn").experiment_id
+    found = client.search_runs([exp], filter_string="tags.ray_run_name = 'stopped'")
+    assert len(found) == 1 and found[0].info.status == "KILLED", output[-3000:]
+
+    try:
+        again = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        remove_ray_temp_dir(temp)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from epoch" in again.stdout + again.stderr
+    found = client.search_runs([exp], filter_string="tags.ray_run_name = 'stopped'")
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(found[0].info.run_id, "train/loss"))
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 16
+    assert len(client.get_metric_history(found[0].info.run_id, "train/epochs_completed")) == 4
+
+
+@pytest.mark.slow
+def test_a_crashed_job_ends_failed_with_the_error(ray_local, gapped_shapes, tmp_path):
+    """A job whose training blows up ends its MLflow run FAILED with the error as a tag (an
+    interrupted one ends KILLED: test_interrupted_job_ends_killed_and_its_rerun_resumes...)."""
     cfg = tiny(tmp_path / "out", gapped_shapes, "trainer.optimizer.lr=1e12", "run_name=diverges")
     with pytest.raises(Exception, match="loss is"):
         run(cfg)
@@ -260,34 +255,3 @@ def test_a_crashed_job_ends_failed_and_an_interrupted_one_killed(ray_local, gapp
     exp = client.get_experiment_by_name("maskrcnn").experiment_id
     crashed = client.search_runs([exp], filter_string="tags.ray_run_name = 'diverges'")[0]
     assert crashed.info.status == "FAILED" and "loss is" in crashed.data.tags["error"], crashed.data.tags
-
-    db = tmp_path / "interrupted.db"
-    args = [str(Path(sys.executable).parent / "mrcnn-train"), f"output_dir={tmp_path / 'out2'}",
-            f"data.root={gapped_shapes}", "data.generate=null", "model.transform.min_size=[64]",
-            "model.transform.max_size=64", "trainer.batch_size=2", "trainer.epochs=20", "trainer.log_every_steps=1",
-            f"tracking.tracking_uri=sqlite:///{db}", "run_name=stopped"]
-    temp = ray_temp_dir("rs")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
-    env.update(RAY_TMPDIR=str(temp))
-    log_path = tmp_path / "stopped.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and " step 2/" not in log_path.read_text():
-            time.sleep(0.5)
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-        remove_ray_temp_dir(temp)
-    output = log_path.read_text()
-    assert code != 0, output[-3000:]
-    stopped = MlflowClient(f"sqlite:///{db}")
-    found = stopped.search_runs([stopped.get_experiment_by_name("maskrcnn").experiment_id],
-                                filter_string="tags.ray_run_name = 'stopped'")
-    assert len(found) == 1 and found[0].info.status == "KILLED", output[-3000:]
-    assert "MLflow run stopped (KILLED)" in output

@@ -166,7 +166,7 @@ class InferConfig:
     num_gpus: float = 0.0  # per predictor actor
     cpus_per_actor: float = 1.0
     torch_threads: int = 0  # per predictor actor (0: Ray's default, cpus_per_actor)
-    decode_concurrency: int = 1  # decode tasks at once
+    decode_threads: int = 1  # per predictor actor: threads that read and decode a batch's images
     score_threshold: float = 0.5
     max_detections: int = 100
     # Images whose header claims more pixels than this become error rows (never decoded).
@@ -298,18 +298,18 @@ def infer_errors(infer: dict[str, Any], cpus: float | None) -> list[str]:
     for key in ("input", "output"):
         if not infer[key]:
             errors.append(f"infer.{key} is not set: give a folder or s3:// prefix, e.g. infer.{key}=/data/images")
-    for key in ("batch_size", "concurrency", "decode_concurrency", "max_pixels", "rows_per_file"):
+    for key in ("batch_size", "concurrency", "decode_threads", "max_pixels", "rows_per_file"):
         if infer[key] <= 0:
             errors.append(f"infer.{key}={infer[key]} must be > 0")
     if not 0 <= infer["score_threshold"] <= 1:
         errors.append(f"infer.score_threshold={infer['score_threshold']} must be in [0, 1]")
-    # The predictor actors hold their CPUs for the whole job: they must leave half a CPU for a
-    # decode task and a quarter for a write task, or the job waits forever.
+    # The predictor actors hold their CPUs for the whole job: they must leave a quarter of a CPU
+    # for a write task, or the job waits forever.
     held = infer["concurrency"] * infer["cpus_per_actor"]
-    if cpus is not None and held + 0.75 > cpus:
+    if cpus is not None and held + 0.25 > cpus:
         errors.append(f"infer.concurrency={infer['concurrency']} x infer.cpus_per_actor={infer['cpus_per_actor']:g} "
                       f"= {held:g} CPUs for the predictors leaves too little of this machine's {cpus:g} CPUs for "
-                      "decoding and writing (0.75): lower infer.concurrency or infer.cpus_per_actor")
+                      "writing (0.25): lower infer.concurrency or infer.cpus_per_actor")
     return errors
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 import mrcnn
 from mrcnn.checkpoint import (
@@ -48,6 +51,8 @@ ARTIFACT_PATH = "model"
 CANDIDATE, CHAMPION = "candidate", "champion"
 # The registered model name the sweep's best trial gets when tracking.registered_model is unset.
 DEFAULT_MODEL_NAME = "maskrcnn"
+# The metrics linked to a logged model: its run's evaluation (COCO AP and AR).
+EVALUATION = "val/"
 
 
 @dataclass(frozen=True)
@@ -146,30 +151,37 @@ def _input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [buf.getvalue()]})
 
 
-def log_model(tracking_uri: str, run_id: str, checkpoint: dict[str, Any], step: int | None = None,
-              metrics: dict[str, float] | None = None) -> str:
+def log_model(tracking_uri: str, run_id: str, checkpoint: dict[str, Any], step: int | None = None) -> str:
     """Log a training checkpoint's weights, model config and label map as the run's logged
     model `model` (pyfunc from code, with a signature, an input example and pinned
-    requirements); `metrics` (the final evaluation) are linked to it, so MLflow ranks the
-    experiment's models by them. Returns the logged model's id."""
+    requirements), an output of the run at `step`. The run's evaluation metrics at `step` (its
+    final evaluation) are linked to it, so MLflow ranks the experiment's models by them. Returns
+    the logged model's id."""
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     client = mlflow_client(tracking_uri)
-    status = client.get_run(run_id).info.status  # the job, not the logging, ends the run
+    run = client.get_run(run_id)
+    step = step or 0
+    # Created apart from the run: logged inside it, MLflow would link every metric the run has
+    # at `step` (losses, lr, throughput) to the model, and the Models tab would show those first.
+    model = mlflow.initialize_logged_model(name=ARTIFACT_PATH, source_run_id=run_id,
+                                           experiment_id=run.info.experiment_id, params=run.data.params)
     with tempfile.TemporaryDirectory() as tmp:
         write_model_files(tmp, checkpoint["model"], checkpoint["model_config"], checkpoint["label_map"])
         artifacts = {"weights": f"{tmp}/weights.pt", "model_config": f"{tmp}/model_config.json",
                      "label_map": f"{tmp}/label_map.json"}
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=ARTIFACT_PATH, python_model=str(PYFUNC_FILE), artifacts=artifacts,
-                code_paths=[str(Path(mrcnn.__file__).parent)], signature=_signature(),
-                input_example=_input_example(), pip_requirements=_requirements(), step=step or 0)
-    client.update_run(run_id, status=status)
-    for key, value in (metrics or {}).items():
-        if value == value:  # NaN skipped
-            client.log_metric(run_id, metric_key(key), float(value), step=step or 0, model_id=info.model_id)
-    return info.model_id
+        mlflow.pyfunc.log_model(
+            name=ARTIFACT_PATH, model_id=model.model_id, python_model=str(PYFUNC_FILE), artifacts=artifacts,
+            code_paths=[str(Path(mrcnn.__file__).parent)], signature=_signature(), input_example=_input_example(),
+            pip_requirements=_requirements())
+    client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step)])
+    # The same points, linked (as MLflow links a model's metrics): the run's history is unchanged.
+    linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id, run_id=run_id)
+              for key in run.data.metrics if key.startswith(EVALUATION)
+              for m in client.get_metric_history(run_id, key) if m.step == step and m.model_id is None]
+    if linked:
+        client.log_batch(run_id, metrics=linked)
+    return model.model_id
 
 
 def run_model_id(client: MlflowClient, run_id: str) -> str | None:
@@ -188,6 +200,10 @@ def register_model(client: MlflowClient, run_id: str, name: str, alias: str | No
     model_id = run_model_id(client, run_id)
     if model_id:
         version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id)
+        # As mlflow.register_model records it: the Models tab shows the versions of each model.
+        versions = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [*versions, {"name": name, "version": version.version}])})
     else:
         source = f"{client.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}"
         version = client.create_model_version(name, source, run_id=run_id)

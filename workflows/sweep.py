@@ -201,7 +201,7 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
             client.set_tag(child, "sweep.status", row["status"])
             client.set_terminated(child, status="FAILED" if row["status"] == "failed" else "FINISHED")
             if row["checkpoint"] and not run_model_id(client, child):  # a resumed sweep logged it before
-                log_trial_model(client, uri, child, row["checkpoint"])
+                log_trial_model(uri, child, row["checkpoint"])
     key = f"best_{metric}"
     ranked = [r for r in rows if r[key] == r[key] and r["checkpoint"]]
     best = (max if mode == "max" else min)(ranked, key=lambda r: r[key]) if ranked else None
@@ -231,12 +231,11 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
             "children": children}
 
 
-def log_trial_model(client, uri: str, run_id: str, checkpoint_dir: str) -> None:
-    """A trial's last checkpoint as its run's logged model, linked to the run's last val metrics
-    (its final evaluation: trials evaluate every epoch)."""
+def log_trial_model(uri: str, run_id: str, checkpoint_dir: str) -> None:
+    """A trial's last checkpoint as its run's logged model, linked to the evaluation of the same
+    step (trials evaluate every epoch)."""
     payload = load_weights_file(Path(checkpoint_dir) / "checkpoint.pt")
-    final = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("val/")}
-    log_model(uri, run_id, payload, step=payload.get("step"), metrics=final)
+    log_model(uri, run_id, payload, step=payload.get("step"))
 
 
 def print_summary(rows, key, best, name, version, cfg, space) -> None:

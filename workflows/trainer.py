@@ -103,6 +103,5 @@ def log_final_model(tracking_uri: str, run_id: str, result: Result) -> str | Non
         return None
     with result.checkpoint.as_directory() as d:
         payload = load_weights_file(Path(d) / "checkpoint.pt")
-    final = {k: v for k, v in (result.metrics or {}).items() if k.startswith(("bbox_", "segm_"))}
-    log_model(tracking_uri, run_id, payload, step=payload.get("step"), metrics=final)
+    log_model(tracking_uri, run_id, payload, step=payload.get("step"))
     return f"{result.checkpoint.path}/checkpoint.pt"

@@ -1,9 +1,10 @@
-"""The batch inference pipeline on Ray Data, streaming: paths -> read + decode (CPU tasks) ->
-predict + RLE-encode (an actor pool, the model loaded once per actor) -> Parquet files. A file
-that cannot be read or decoded becomes a row with `error` set; the job goes on."""
+"""The batch inference pipeline on Ray Data, streaming: paths -> read + decode + predict +
+RLE-encode (an actor pool, the model loaded once per actor) -> Parquet files. A file that cannot
+be read or decoded becomes a row with `error` set; the job goes on."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,27 +29,26 @@ def path_blocks(paths: pa.Array, infer: dict[str, Any]) -> ray.data.Dataset:
     return ray.data.from_arrow([pa.table({"path": paths.slice(i, n)}) for i in range(0, len(paths), n)])
 
 
-def decode_batch(batch: pa.Table, s3: dict[str, Any], max_pixels: int) -> dict[str, Any]:
-    """Read and decode each image; a failure becomes an `error` message for that row only.
-    The column holds "" when fine: a batch of only nulls would change its type downstream."""
-    out: dict[str, list] = {"path": [], "image": [], "error": []}
-    for path in batch.column("path").to_pylist():
+def read_and_decode(paths: list[str], s3: dict[str, Any], max_pixels: int, pool: ThreadPoolExecutor | None
+                    ) -> list[tuple[np.ndarray | None, str | None]]:
+    """(image, None) or (None, error message) for each path: a file that cannot be read or
+    decoded fails alone."""
+    def one(path: str) -> tuple[np.ndarray | None, str | None]:
         try:
-            image, error = decode_image(read_bytes(path, s3), path, max_pixels=max_pixels), ""
+            return decode_image(read_bytes(path, s3), path, max_pixels=max_pixels), None
         except (ImageDecodeError, OSError, ValueError) as e:
-            image, error = np.zeros((0, 0, 3), np.uint8), str(e) or type(e).__name__
-        out["path"].append(path)
-        out["image"].append(image)
-        out["error"].append(error)
-    return {"path": np.array(out["path"], dtype=object), "image": out["image"],
-            "error": np.array(out["error"], dtype=object)}
+            return None, str(e) or type(e).__name__
+
+    return list(pool.map(one, paths)) if pool else [one(p) for p in paths]
 
 
 class Predictor:
-    """One per actor: the model is loaded once, then each batch is predicted in one call and its
-    masks RLE-encoded here, so dense masks never leave the actor."""
+    """One per actor: the model is loaded once; each batch of paths is read, decoded, predicted
+    in one call and its masks RLE-encoded here. Only paths come in and rows go out: decoded
+    images never pass through Ray's object store, whose pages a reader keeps mapped (its
+    resident memory grew by one image per image when another stage decoded)."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, version: str, infer: dict[str, Any]):
+    def __init__(self, model_uri: str, tracking_uri: str, version: str, infer: dict[str, Any], s3: dict[str, Any]):
         if infer["torch_threads"]:
             torch.set_num_threads(infer["torch_threads"])
         reuse_large_blocks()
@@ -58,33 +58,33 @@ class Predictor:
         self.model.eval().to(self.device)
         self.labels = loaded.labels
         self.uri, self.version = model_uri, version
+        self.s3, self.max_pixels = s3, infer["max_pixels"]
+        # Reading and decoding release the GIL: threads overlap them (object-store latency,
+        # large JPEGs feeding a GPU).
+        self.pool = ThreadPoolExecutor(infer["decode_threads"]) if infer["decode_threads"] > 1 else None
 
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        errors = [str(e) or None for e in batch["error"]]
-        good = [i for i, e in enumerate(errors) if e is None]
-        rows = [error_row(e) if e else None for e in errors]
-        for i, row in zip(good, segment_images(self.model, [batch["image"][i] for i in good], self.labels,
-                                               self.device)):
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        paths = batch.column("path").to_pylist()
+        decoded = read_and_decode(paths, self.s3, self.max_pixels, self.pool)
+        good = [i for i, (_, error) in enumerate(decoded) if error is None]
+        rows = [error_row(error) if error else None for _, error in decoded]
+        for i, row in zip(good, segment_images(self.model, [decoded[i][0] for i in good], self.labels, self.device)):
             rows[i] = row
         columns = {name: [row[name] for row in rows] for name in ROW_FIELDS}
-        return pa.Table.from_pydict({"path": list(batch["path"]), **columns, "model": [self.uri] * len(rows),
+        return pa.Table.from_pydict({"path": paths, **columns, "model": [self.uri] * len(rows),
                                      "model_version": [self.version] * len(rows)}, schema=SCHEMA)
 
 
 def write_rows(ds: ray.data.Dataset, infer: dict[str, Any], s3: dict[str, Any], model_uri: str, tracking_uri: str,
                version: str, fs: pafs.FileSystem, out_path: str) -> None:
-    """decode (CPU tasks) -> predict (actor pool) -> Parquet files under `out_path`."""
-    # The light stages ask for a fraction of a CPU: with whole CPUs they would wait behind the
-    # predictors on a small machine, and rows would reach the disk only at the end.
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=infer["batch_size"],
-                        compute=ray.data.TaskPoolStrategy(size=infer["decode_concurrency"]),
-                        num_cpus=0.5,  # light work; differing resources keep it out of the actors
-                        fn_kwargs={"s3": s3, "max_pixels": infer["max_pixels"]})
-    ds = ds.map_batches(Predictor, batch_size=infer["batch_size"], batch_format="numpy",
+    """read + decode + predict (actor pool) -> Parquet files under `out_path`."""
+    ds = ds.map_batches(Predictor, batch_size=infer["batch_size"], batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=infer["concurrency"]),
                         num_gpus=infer["num_gpus"], num_cpus=infer["cpus_per_actor"],
                         fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri, "version": version,
-                                               "infer": infer})
+                                               "infer": infer, "s3": s3})
+    # A fraction of a CPU: with a whole one the writes would wait behind the predictors on a
+    # small machine, and rows would reach the disk only at the end.
     ds.write_parquet(out_path, filesystem=fs, schema=SCHEMA, min_rows_per_file=infer["rows_per_file"],
                      ray_remote_args={"num_cpus": 0.25})
 
