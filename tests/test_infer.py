@@ -295,7 +295,8 @@ def test_predictors_stay_flat_over_thousands_of_images_with_detections(registere
     assert result["summary"].detections >= 15 * n  # masks in the rows, as a trained model's
     paths = pq.read_table(out, columns=["path"]).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == n
-    after_warm_up = [p for p in mem.series("predictor", "rss") if p[0] >= n // 5]
+    # Each actor has seen 750 images by half-way: its allocator has reached its high-water mark.
+    after_warm_up = [p for p in mem.series("predictor", "rss") if p[0] >= n // 2]
     assert len({p[0] for p in after_warm_up}) >= 10, after_warm_up
     slope = slope_per_1000(after_warm_up)
     assert slope < 2.0, f"predictor RSS grows {slope:.2f} MiB per 1,000 images: {after_warm_up}"

@@ -158,5 +158,6 @@ def test_mlflow_ui_shows_runs_sweeps_and_models_in_a_real_browser(guide, tmp_pat
     assert "bb-anchors" in text["runs_chart"] and "shapes-b" in text["runs_chart"]
     assert "Version 2" in text["model"] and "@ champion" in text["model"] and "@ candidate" in text["model"]
     assert "val/segm_AP" in text["models_tab"] and "Ready" in text["models_tab"]
+    assert "maskrcnn v1" in text["models_tab"] and "maskrcnn v2" in text["models_tab"]  # registered from them
     for name in text:
         assert (tmp_path / "screenshots" / f"{name}.png").stat().st_size > 10_000

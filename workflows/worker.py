@@ -18,6 +18,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from mlflow.exceptions import MlflowException
 
 from mrcnn import build_model
 from mrcnn.checkpoint import load_weights_file, matching_tensors, save_checkpoint
@@ -158,7 +159,15 @@ def last_logged_step(w: Worker, key: str) -> int:
     logged twice."""
     if w.rank != 0:
         return -1
-    return max((m.step for m in w.mlflow.client.get_metric_history(w.run_id, metric_key(key))), default=-1)
+    for attempt in range(3):  # the run logger's client fails fast; a busy server may take longer here
+        try:
+            history = w.mlflow.client.get_metric_history(w.run_id, metric_key(key))
+            return max((m.step for m in history), default=-1)
+        except MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(5 * (attempt + 1))
+    return -1
 
 
 # The losses by short names in the step line: RPN objectness and box, classifier, box, mask.

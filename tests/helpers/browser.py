@@ -17,7 +17,7 @@ ML = "workflowType=machine_learning"
 
 
 def ui_pages(base: str, client: MlflowClient, run_id: str, sweep_run_id: str,
-             model: str) -> dict[str, tuple[str, str]]:
+             model: str) -> dict[str, tuple]:
     """The pages a user opens, each with a text it shows once its data has loaded: a training
     run's charts and artifacts, a sweep's trials compared, the experiment's runs in the chart
     view, a registered model, the experiment's logged models."""
@@ -32,11 +32,12 @@ def ui_pages(base: str, client: MlflowClient, run_id: str, sweep_run_id: str,
                     "Parallel Coordinates Plot"),
         "runs_chart": (f"{base}/#/experiments/{exp}/runs?{ML}&compareRunsMode=CHART", run.info.run_name),
         "model": (f"{base}/#/models/{model}?{ML}", "champion"),
-        "models_tab": (f"{base}/#/experiments/{exp}/models?{ML}", run.info.run_name),
+        # Wide: the table draws only the metric columns that fit, and val/segm_AP is the fifth.
+        "models_tab": (f"{base}/#/experiments/{exp}/models?{ML}", run.info.run_name, 2400),
     }
 
 
-def capture(pages: dict[str, tuple[str, str]], out: Path, width: int = 1400, height: int = 900,
+def capture(pages: dict[str, tuple], out: Path, width: int = 1400, height: int = 900,
             timeout_ms: int = 60_000) -> dict[str, str]:
     """Load each page until its text shows, close the assistant panel, save out/NAME.png;
     returns NAME -> the text the page rendered."""
@@ -47,7 +48,8 @@ def capture(pages: dict[str, tuple[str, str]], out: Path, width: int = 1400, hei
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": width, "height": height})
-        for name, (url, ready) in pages.items():
+        for name, (url, ready, *wide) in pages.items():
+            page.set_viewport_size({"width": wide[0] if wide else width, "height": height})
             page.goto(url)  # the UI polls its server: "network idle" never comes; wait for the data
             page.get_by_text(ready).first.wait_for(timeout=timeout_ms)
             page.wait_for_timeout(500)  # charts draw after their data arrives
