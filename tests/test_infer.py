@@ -271,9 +271,12 @@ def test_predictors_that_would_leave_no_cpu_for_writing_are_refused(registered, 
 @pytest.mark.slow
 def test_predictors_stay_flat_over_thousands_of_images_with_detections(registered, tmp_path):
     """The store-scale load of `benchmarks/infer.py`, smaller: 3,000 files through two predictor
-    actors, 20 detections (boxes and RLE masks) an image. Rows are exactly one per input; after
-    warm-up each predictor's resident memory, its own and the object-store pages it maps, grows
-    by less than 2 MiB per 1,000 images."""
+    actors, 20 detections (boxes and RLE masks) an image. Rows are exactly one per input. After
+    warm-up (half the images) a predictor maps no more of Ray's object store (under 2 MiB per
+    1,000 images; one decoded image an image was 47) and its own memory grows by less than one
+    allocator step: the heap rises by 10-20 MiB when a batch needs more than any before it, so
+    over 1,500 images a single step would break a slope bound that `benchmarks/infer.py` holds
+    over 20,000 (0.3 MiB per 1,000)."""
     import ray
     from helpers.memory import ProcessMemory, slope_per_1000
 
@@ -295,11 +298,12 @@ def test_predictors_stay_flat_over_thousands_of_images_with_detections(registere
     assert result["summary"].detections >= 15 * n  # masks in the rows, as a trained model's
     paths = pq.read_table(out, columns=["path"]).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == n
-    # Each actor has seen 750 images by half-way: its allocator has reached its high-water mark.
-    after_warm_up = [p for p in mem.series("predictor", "rss") if p[0] >= n // 2]
-    assert len({p[0] for p in after_warm_up}) >= 10, after_warm_up
-    slope = slope_per_1000(after_warm_up)
-    assert slope < 2.0, f"predictor RSS grows {slope:.2f} MiB per 1,000 images: {after_warm_up}"
+    shared = [p for p in mem.series("predictor", "shmem") if p[0] >= n // 2]
+    own = [v for done, v in mem.series("predictor", "anon") if done >= n // 2]
+    assert len({p[0] for p in shared}) >= 10, shared
+    slope = slope_per_1000(shared)
+    assert slope < 2.0, f"predictors map {slope:.2f} MiB of the object store per 1,000 images: {shared}"
+    assert own[-1] - own[0] < 25, f"predictor memory grew {own[-1] - own[0]:.1f} MiB over {n // 2} images"
 
 
 def _model_folder(store_root: Path, dst: Path) -> list[Path]:
