@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
-from torch import Tensor
+
+if TYPE_CHECKING:  # numpy-only at import: decoding processes need no torch
+    from torch import Tensor
 
 
 def to_compressed_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
@@ -33,21 +34,28 @@ def _pyco(rle: dict[str, Any]) -> dict[str, Any]:
     return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
-def decode_rle_masks(rles: list[dict[str, Any]], size: tuple[int, int]) -> Tensor:
+def decode_rle_array(rles: list[dict[str, Any]], size: tuple[int, int]) -> np.ndarray:
     """Compressed (or uncompressed) RLE dicts -> uint8[G, H, W] with H, W = size."""
     h, w = int(size[0]), int(size[1])
     if not rles:
-        return torch.zeros((0, h, w), dtype=torch.uint8)
+        return np.zeros((0, h, w), dtype=np.uint8)
     for rle in rles:
         if tuple(rle["size"]) != (h, w):
             raise ValueError(f"RLE mask of size {rle['size']} does not match its image ({h}, {w})")
     dense = mask_utils.decode([_pyco(r) for r in rles])  # [H, W, G], Fortran order
-    return torch.from_numpy(np.ascontiguousarray(dense.transpose(2, 0, 1)))
+    return np.ascontiguousarray(dense.transpose(2, 0, 1))
+
+
+def decode_rle_masks(rles: list[dict[str, Any]], size: tuple[int, int]) -> Tensor:
+    """`decode_rle_array` as a tensor: uint8[G, H, W]."""
+    import torch
+
+    return torch.from_numpy(decode_rle_array(rles, size))
 
 
 def encode_masks(masks: Tensor | np.ndarray) -> list[dict[str, Any]]:
     """bool/uint8[N, H, W] -> N compressed RLE dicts with str counts."""
-    arr = masks.cpu().numpy() if isinstance(masks, Tensor) else np.asarray(masks)
+    arr = masks.cpu().numpy() if hasattr(masks, "cpu") else np.asarray(masks)
     if arr.shape[0] == 0:
         return []
     rles = mask_utils.encode(np.asfortranarray(arr.transpose(1, 2, 0).astype(np.uint8)))

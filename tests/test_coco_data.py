@@ -141,6 +141,18 @@ def test_flip_and_resize_move_boxes_and_masks_together():
     assert target["boxes"].shape == (1, 4) and target["labels"].tolist() == [1] and len(target["masks"]) == 1
 
 
+@pytest.mark.parametrize("size", [37, 45, 61, 97, 150])
+def test_resized_masks_are_torchs_nearest_neighbours(size):
+    """Augmentation resizes masks in numpy (decoding processes import no torch), pixel for pixel
+    as `torch.nn.functional.interpolate(mode="nearest")`."""
+    rng = np.random.default_rng(size)
+    masks = (rng.random((3, 60, 80)) > 0.5).astype(np.uint8)
+    anns = [{"bbox": [0.0, 0.0, 80.0, 60.0], "label": 1, "rle": r} for r in encode_masks(masks)]
+    resized, out = resize_shorter_side(np.zeros((60, 80, 3), np.uint8), anns, size=size, max_size=1000)
+    want = torch.nn.functional.interpolate(torch.from_numpy(masks)[:, None].float(), size=resized.shape[:2])[:, 0]
+    assert torch.equal(decode_rle_masks([a["rle"] for a in out], resized.shape[:2]), want.byte())
+
+
 def test_shapes_dataset_is_deterministic_and_valid(tmp_path):
     a = write_shapes_dataset(tmp_path / "a", train=6, val=2, size=96, seed=3)
     b = write_shapes_dataset(tmp_path / "b", train=6, val=2, size=96, seed=3)

@@ -21,7 +21,6 @@ from workflows.config import validate
 from workflows.ingest import ExactSplitDataConfig, Split, ensure_shapes, image_dataset, load_split
 from workflows.registry import log_model
 from workflows.storage import join
-from workflows.worker import train_loop
 
 
 @dataclass
@@ -71,6 +70,14 @@ def build_trainer(
     resources = {"CPU": trainer_cfg["cpus_per_worker"]}
     if trainer_cfg["use_gpu"]:
         resources["GPU"] = 1
+
+    def train_loop(config: dict[str, Any]) -> None:
+        # Nested, so pickled by value: Ray Train's controller, which unpickles it, then imports
+        # nothing of the worker's (torchvision, MLflow); only the training workers do.
+        from workflows.worker import train_loop as run
+
+        run(config)
+
     return TorchTrainer(
         train_loop,
         train_loop_config={

@@ -1,14 +1,17 @@
-"""Training augmentation on decoded images with RLE masks, and records -> model targets."""
+"""Training augmentation on decoded images with RLE masks (numpy: it runs where images are
+decoded), and records -> model targets (torch: it runs on the training worker)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from mrcnn.masks import decode_rle_masks, encode_masks
+from mrcnn.masks import decode_rle_array, encode_masks
+
+if TYPE_CHECKING:
+    import torch
 
 
 def horizontal_flip(image: np.ndarray, anns: list[dict[str, Any]]) -> tuple[np.ndarray, list[dict]]:
@@ -16,7 +19,7 @@ def horizontal_flip(image: np.ndarray, anns: list[dict[str, Any]]) -> tuple[np.n
     h, w = image.shape[:2]
     out = []
     if anns:
-        masks = decode_rle_masks([a["rle"] for a in anns], (h, w)).flip(-1)
+        masks = decode_rle_array([a["rle"] for a in anns], (h, w))[:, :, ::-1]
         for a, rle in zip(anns, encode_masks(masks)):
             x1, y1, x2, y2 = a["bbox"]
             out.append({**a, "bbox": [w - x2, y1, w - x1, y2], "rle": rle})
@@ -35,8 +38,11 @@ def resize_shorter_side(
     resized = np.array(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
     out = []
     if anns:
-        masks = decode_rle_masks([a["rle"] for a in anns], (h, w))
-        masks = torch.nn.functional.interpolate(masks[:, None].float(), size=(nh, nw))[:, 0].byte()
+        masks = decode_rle_array([a["rle"] for a in anns], (h, w))
+        # Nearest neighbour as torch's interpolate(mode="nearest"): source = floor(dest * in / out).
+        rows = np.minimum((np.arange(nh) * (h / nh)).astype(np.int64), h - 1)
+        cols = np.minimum((np.arange(nw) * (w / nw)).astype(np.int64), w - 1)
+        masks = masks[:, rows[:, None], cols[None, :]]
         sx, sy = nw / w, nh / h
         for a, rle in zip(anns, encode_masks(masks)):
             x1, y1, x2, y2 = a["bbox"]
@@ -48,6 +54,8 @@ def to_model_inputs(image: np.ndarray, anns: list[dict[str, Any]]) -> tuple[torc
     """uint8[3, H, W] or [H, W, 3] + annotations -> float[3, H, W] in [0, 1] and a target with
     `boxes` float[N, 4], `labels` int64[N], `masks` (N RLE dicts). Crowd regions are dropped,
     as in torchvision's references: they are neither instances nor background to learn."""
+    import torch
+
     t = torch.from_numpy(np.require(image, requirements=["C", "W"]))  # Arrow buffers are read-only
     if t.shape[-1] == 3 and t.shape[0] != 3:
         t = t.permute(2, 0, 1)
