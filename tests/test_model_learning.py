@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mrcnn import ModelConfig, build_model
@@ -41,6 +42,7 @@ def small_config(num_classes: int = 3) -> ModelConfig:
     return cfg
 
 
+@pytest.mark.slow  # 80 training steps at 128 px: about 2 minutes on 2 slow cores
 def test_overfits_a_tiny_batch():
     torch.manual_seed(0)
     model = build_model(small_config())
