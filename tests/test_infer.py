@@ -319,11 +319,18 @@ def _model_folder(store_root: Path, dst: Path) -> list[Path]:
 @pytest.mark.slow
 def test_the_registered_model_in_mlflow_predicts_what_infer_writes(ray_local, registered, store, tmp_path):
     """`mlflow.pyfunc.load_model("models:/NAME@champion")` in a fresh process (MLflow's loader,
-    executing the logged code file) returns for real image files the rows `mrcnn-infer` wrote."""
+    executing the logged code file) returns for real image files the rows `mrcnn-infer` wrote.
+    A version registered before logged models (three files under a run's `model/`) segments in
+    `mrcnn-infer` as the same weights logged today."""
     files = _model_folder(store[0], tmp_path / "images")
-    out = tmp_path / "rows"
-    infer.run(job(tmp_path, str(tmp_path / "images"), str(out), registered, "infer.overlays=0"))
-    written = {r["path"]: r for r in rows_of(out)}
+    rows = {}
+    for alias in ("champion", "legacy"):
+        infer.run(job(tmp_path, str(tmp_path / "images"), str(tmp_path / alias), registered, "infer.overlays=0",
+                      f"infer.model=models:/shapes-infer@{alias}"))
+        rows[alias] = {r["path"]: {k: v for k, v in r.items() if not k.startswith("model")}
+                       for r in rows_of(tmp_path / alias)}
+    assert rows["legacy"] == rows["champion"] and len(rows["legacy"]) == 5
+    written = rows["champion"]
     script = (
         "import json, sys, mlflow, pandas as pd\n"
         "model = mlflow.pyfunc.load_model('models:/shapes-infer@champion')\n"
@@ -391,17 +398,3 @@ def test_mlflow_serves_the_registered_model_over_http(registered, store, tmp_pat
     assert rows[0]["labels"] and rows[0]["masks"][0]["size"] == [64, 64]
     assert rows[2]["boxes"] is None and "cannot decode" in rows[2]["error"]
     assert 400 <= empty.value.code < 500
-
-
-@pytest.mark.slow
-def test_a_version_of_the_older_layout_still_loads_in_infer(ray_local, registered, store, tmp_path):
-    """A version registered before logged models (three files under a run's `model/`) segments
-    as the same weights logged today do."""
-    _model_folder(store[0], tmp_path / "images")
-    rows = {}
-    for alias in ("legacy", "champion"):
-        out = tmp_path / alias
-        infer.run(job(tmp_path, str(tmp_path / "images"), str(out), registered, "infer.overlays=0",
-                      f"infer.model=models:/shapes-infer@{alias}"))
-        rows[alias] = {r["path"]: {k: v for k, v in r.items() if not k.startswith("model")} for r in rows_of(out)}
-    assert rows["legacy"] == rows["champion"] and len(rows["legacy"]) == 5
