@@ -120,6 +120,18 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     os.replace(tmp, path)  # never a half-written checkpoint
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The training step a checkpoint file by `save_checkpoint` was saved at; None when the file
+    is missing, cut short (a copy stopped half-way) or not such a checkpoint. Reads the archive's
+    index and the small entries only: the tensors are mapped, not read."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is "not a complete checkpoint"
+        return None
+    step = payload.get("step") if isinstance(payload, dict) and "model" in payload else None
+    return int(step) if step is not None else None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild the model from a checkpoint by `save_checkpoint`; returns (model, payload)."""
     payload = load_weights_file(path, map_location)

@@ -8,7 +8,7 @@ from helpers.oracle import make_pair
 from test_model_learning import small_config
 
 from mrcnn import MaskRCNN, ModelConfig, build_model
-from mrcnn.checkpoint import load_checkpoint, load_torchvision_weights, save_checkpoint
+from mrcnn.checkpoint import checkpoint_step, load_checkpoint, load_torchvision_weights, save_checkpoint
 from mrcnn.modeling.postprocess import paste_masks
 
 
@@ -107,6 +107,11 @@ def test_checkpoint_roundtrip(tmp_path, model):
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
+    # What resume trusts: a complete file gives its step; a copy cut short, none.
+    data = (tmp_path / "ck.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    assert checkpoint_step(tmp_path / "ck.pt") == 7
+    assert checkpoint_step(tmp_path / "cut.pt") is None and checkpoint_step(tmp_path / "missing.pt") is None
 
 
 def test_torchvision_file_with_legacy_keys_and_coco_eps(tmp_path):

@@ -176,9 +176,10 @@ def test_recovers_from_a_killed_worker(ray_local, gapped_shapes, tmp_path):
 @pytest.mark.slow
 def test_interrupted_job_ends_killed_and_its_rerun_resumes_into_the_same_run(gapped_shapes, tmp_path):
     """Ctrl-C (SIGINT) to `mrcnn-train` after its first checkpoint: it exits non-zero and its
-    MLflow run ends KILLED. The same command resumes from that checkpoint into the same run,
-    which ends FINISHED with every step logged once. (A driver killed outright, SIGKILL, is
-    resumed the same way: tests/test_sweep.py and tests/test_infer.py kill theirs.)"""
+    MLflow run ends KILLED. The same command resumes into the same run, which ends FINISHED with
+    every step logged once, also when Ray Train has no record of the checkpoint (its record is
+    removed here, as when a driver killed outright dies between a worker writing a checkpoint
+    and Ray Train recording it). (tests/test_sweep.py and tests/test_infer.py SIGKILL theirs.)"""
     import os
     import signal
     import subprocess
@@ -223,12 +224,15 @@ def test_interrupted_job_ends_killed_and_its_rerun_resumes_into_the_same_run(gap
     exp = client.get_experiment_by_name("maskrcnn").experiment_id
     found = client.search_runs([exp], filter_string="tags.ray_run_name = 'stopped'")
     assert len(found) == 1 and found[0].info.status == "KILLED", output[-3000:]
+    checkpoints = sorted(snapshot.parent.glob("checkpoint_*/checkpoint.pt"))
+    snapshot.unlink()
 
     try:
         again = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     finally:
         remove_ray_temp_dir(temp)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"{checkpoints[-1]} is newer than any checkpoint Ray Train recorded" in again.stdout + again.stderr
     assert "resumed from epoch" in again.stdout + again.stderr
     found = client.search_runs([exp], filter_string="tags.ray_run_name = 'stopped'")
     assert len(found) == 1 and found[0].info.status == "FINISHED"

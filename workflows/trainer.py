@@ -15,7 +15,7 @@ from typing import Any
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from mrcnn.checkpoint import load_weights_file
+from mrcnn.checkpoint import checkpoint_step, load_weights_file
 from mrcnn.data.coco import CategoryMap
 from workflows.config import validate
 from workflows.ingest import ExactSplitDataConfig, Split, ensure_shapes, image_dataset, load_split
@@ -53,6 +53,18 @@ def load_training_data(cfg: dict[str, Any]) -> TrainingData:
     return TrainingData(train, val)
 
 
+def newest_complete_checkpoint(run_folder: Path) -> str | None:
+    """The newest checkpoint file in a Ray Train run's folder that loads, recorded by Ray Train
+    or not: a driver killed after a worker wrote `checkpoint_*/checkpoint.pt` but before Ray
+    Train recorded it leaves one that Ray Train's own resume does not see. Workers resume from
+    whichever of the two is further on (`workflows.worker.resume`)."""
+    folders = sorted((d for d in run_folder.glob("checkpoint_*") if d.is_dir()), reverse=True)  # by time
+    for folder in folders:
+        if checkpoint_step(folder / "checkpoint.pt") is not None:
+            return str(folder / "checkpoint.pt")
+    return None
+
+
 def build_trainer(
     cfg: dict[str, Any],
     data: TrainingData,
@@ -84,6 +96,7 @@ def build_trainer(
             "cfg": cfg, "label_map": data.labels.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
             "num_train_images": len(data.train.records),
             "val_annotations": join(cfg["data"]["root"], cfg["data"]["val_annotations"]),
+            "resume_from": newest_complete_checkpoint(Path(storage_path) / name),
         },
         torch_config=TorchConfig(backend="nccl" if trainer_cfg["use_gpu"] else "gloo"),
         scaling_config=ScalingConfig(num_workers=trainer_cfg["num_workers"], use_gpu=trainer_cfg["use_gpu"],

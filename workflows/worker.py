@@ -21,7 +21,7 @@ import torch.distributed as dist
 from mlflow.exceptions import MlflowException
 
 from mrcnn import build_model
-from mrcnn.checkpoint import load_weights_file, matching_tensors, save_checkpoint
+from mrcnn.checkpoint import checkpoint_step, load_weights_file, matching_tensors, save_checkpoint
 from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_side_by_side
@@ -125,14 +125,22 @@ def start_from(model: torch.nn.Module, uri: str, tracking_uri: str, say_it: bool
             + (", ".join(fresh) if fresh else "none"))
 
 
-def resume(w: Worker) -> tuple[int, int]:
-    """(first epoch, global step) from Ray Train's latest checkpoint: a rerun of the same run
-    name, or a restart after a worker failure. (0, 0) for a fresh run."""
+def resume(w: Worker, unrecorded: str | None) -> tuple[int, int]:
+    """(first epoch, global step) from the latest checkpoint: Ray Train's (a rerun of the same
+    run name, or a restart after a worker failure), or `unrecorded`, the newest complete one in
+    the run's folder when it is further on (the driver died before Ray Train recorded it).
+    (0, 0) for a fresh run."""
+    payload = None
     checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            payload = load_weights_file(Path(d) / "checkpoint.pt")
+    if unrecorded and (payload is None or (checkpoint_step(unrecorded) or -1) > payload["step"]):
+        payload = load_weights_file(unrecorded)
+        if w.rank == 0:
+            say(f"{unrecorded} is newer than any checkpoint Ray Train recorded (its driver stopped first)")
+    if payload is None:
         return 0, 0
-    with checkpoint.as_directory() as d:
-        payload = load_weights_file(Path(d) / "checkpoint.pt")
     w.core.load_state_dict(payload["model"])
     w.optimizer.load_state_dict(payload["optimizer"])
     w.scheduler.load_state_dict(payload["scheduler"])
@@ -254,7 +262,7 @@ def save_and_report(w: Worker, metrics: dict[str, float], epoch: int, step: int,
 def train_loop(config: dict[str, Any]) -> None:
     w = setup(config)
     trainer_cfg = w.cfg["trainer"]
-    start_epoch, step = resume(w)
+    start_epoch, step = resume(w, config["resume_from"])
     record_worker_nodes(w)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
