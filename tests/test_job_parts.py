@@ -72,6 +72,7 @@ def test_metric_keys_fall_into_the_ui_sections():
     ("runs:/abc123/model", {"kind": "run", "run_id": "abc123", "path": "model"}),
     ("runs:/abc123", {"kind": "run", "run_id": "abc123", "path": "model"}),
     ("out/r/checkpoint_1/checkpoint.pt", {"kind": "file", "path": "out/r/checkpoint_1/checkpoint.pt"}),
+    ("s3://b/r/checkpoint_1/checkpoint.pt", {"kind": "file", "path": "s3://b/r/checkpoint_1/checkpoint.pt"}),
 ])
 def test_model_uris_parse(uri, fields):
     ref = ModelURI.parse(uri)

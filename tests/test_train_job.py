@@ -61,11 +61,26 @@ def two_category_copy(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_train_track_register_and_fine_tune(ray_local, gapped_shapes, tmp_path):
-    with mlflow_server(tmp_path / "mlflow") as url:
-        cfg = tiny(tmp_path / "out", gapped_shapes, "trainer.epochs=1", f"tracking.tracking_uri={url}",
-                   "run_name=tiny", "tracking.registered_model=shapes-tiny")
+def test_train_track_register_and_fine_tune(ray_local, gapped_shapes, tmp_path, monkeypatch):
+    """In object storage (a local S3 server): checkpoints, the job's log and the rows of the data
+    report land in the bucket, the tracking on an MLflow server; nothing in a local folder."""
+    from helpers.s3server import CREDENTIALS, create_bucket, s3_server
+
+    from workflows.storage import list_files
+
+    with mlflow_server(tmp_path / "mlflow") as url, s3_server() as endpoint:
+        create_bucket(endpoint, "runs")
+        for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)  # this process; Ray's workers, started before, get the keys
+        s3 = [f"data.s3.endpoint_override={endpoint}", "data.s3.access_key=testing", "data.s3.secret_key=testing"]
+        monkeypatch.chdir(tmp_path)
+        cfg = tiny("s3://runs/track", gapped_shapes, "trainer.epochs=1", f"tracking.tracking_uri={url}",
+                   "run_name=tiny", "tracking.registered_model=shapes-tiny", *s3)
         first = run(cfg)
+        assert first["checkpoint"].startswith("s3://runs/track/ray_results/tiny/checkpoint_")
+        stored = list_files("s3://runs/track")
+        assert first["checkpoint"] in stored and any(f.startswith("s3://runs/track/logs/train-") for f in stored)
+        assert not [p for p in tmp_path.iterdir() if p.name not in ("mlflow", "mlartifacts")], list(tmp_path.iterdir())
         client = MlflowClient(url)
         r = client.get_run(first["run_id"])
         assert r.data.params["model.backbone.name"] == "resnet18"
@@ -101,8 +116,8 @@ def test_train_track_register_and_fine_tune(ray_local, gapped_shapes, tmp_path):
         # Fine-tuning the registered model on a dataset with another class count: the run says
         # where it started; the class-dependent predictors start fresh (tests/test_job_parts.py).
         other = two_category_copy(gapped_shapes, tmp_path / "two")
-        tuned = run(tiny(tmp_path / "out", other, "trainer.epochs=1", f"tracking.tracking_uri={url}",
-                         "run_name=tuned", "trainer.init_weights=models:/shapes-tiny@candidate"))
+        tuned = run(tiny("s3://runs/track", other, "trainer.epochs=1", f"tracking.tracking_uri={url}",
+                         "run_name=tuned", "trainer.init_weights=models:/shapes-tiny@candidate", *s3))
         tags = client.get_run(tuned["run_id"]).data.tags
         assert tags["init_weights"] == "models:/shapes-tiny@candidate" and tags["init_model_version"] == "shapes-tiny/1"
         assert load_model(tuned["checkpoint"]).labels.category_ids == [3, 7]

@@ -23,10 +23,11 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @dataclass
 class S3Config:
-    """pyarrow S3 settings; credentials default to the usual AWS environment / files."""
+    """pyarrow S3 settings for every s3:// URI of a job (data, output_dir, infer's input and
+    output); a key left unset comes from the AWS environment / files, as for the AWS CLI."""
 
     endpoint_override: Optional[str] = None
-    region: str = "us-east-1"
+    region: Optional[str] = None
     access_key: Optional[str] = None
     secret_key: Optional[str] = None
     anonymous: bool = False
@@ -235,7 +236,7 @@ def validate(cfg: dict[str, Any], job: str = "train", cpus: float | None = None)
     fits on it."""
     if job not in JOBS:
         raise ValueError(f"unknown job {job!r}: one of {', '.join(JOBS)}")
-    errors = model_errors(cfg) + data_errors(cfg["data"])
+    errors = model_errors(cfg) + data_errors(cfg["data"]) + storage_errors(cfg)
     if job in ("train", "sweep"):
         errors += trainer_errors(cfg["trainer"])
     if job == "sweep":
@@ -244,6 +245,21 @@ def validate(cfg: dict[str, Any], job: str = "train", cpus: float | None = None)
         errors += infer_errors(cfg["infer"], cpus)
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+NO_SQLITE_IN_OBJECT_STORAGE = (
+    "output_dir={output_dir} is in object storage, where the default tracking store (a SQLite file "
+    "under output_dir) cannot live: use an MLflow server, tracking=server (from $MLFLOW_TRACKING_URI) or "
+    "tracking.tracking_uri=http://mlflow.example:5000")
+
+
+def storage_errors(cfg: dict[str, Any]) -> list[str]:
+    output_dir = str(cfg["output_dir"])
+    if "://" in output_dir and not output_dir.startswith("s3://"):
+        return [f"output_dir={output_dir}: give a local folder or an s3:// URI"]
+    if output_dir.startswith("s3://") and not cfg["tracking"]["tracking_uri"]:
+        return [NO_SQLITE_IN_OBJECT_STORAGE.format(output_dir=output_dir)]
+    return []
 
 
 def model_errors(cfg: dict[str, Any]) -> list[str]:

@@ -12,9 +12,9 @@ import json
 import logging
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from mrcnn.data.images import ImageDecodeError, decode_image
 from mrcnn.data.shapes import write_shapes_dataset
 from mrcnn.data.transforms import horizontal_flip, resize_shorter_side, to_model_inputs
 from workflows.compat import ExecutionCallback, execution_options, operator_progress
-from workflows.storage import is_s3, join, list_files, read_bytes
+from workflows.storage import exists, is_s3, join, list_files, read_bytes, upload_folder, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,22 @@ class Split:
 
 
 def ensure_shapes(data_cfg: dict[str, Any]) -> None:
-    """Generate the synthetic dataset at `data.root` if it is configured and not complete."""
+    """Generate the synthetic dataset at `data.root` if it is configured and not complete. In
+    object storage it is written locally, uploaded, and marked complete last."""
     gen = data_cfg.get("generate")
-    root = data_cfg["root"]
-    if not gen or is_s3(root) or (Path(root) / ".complete").is_file():
+    root, s3 = data_cfg["root"], data_cfg["s3"]
+    if not gen or exists(join(root, ".complete"), s3) == "file":
         return
     log.info("generating the shapes dataset at %s (%s)", root, gen)
-    write_shapes_dataset(root, gen["train"], gen["val"], gen["size"], gen["seed"])
+    if not is_s3(root):
+        write_shapes_dataset(root, gen["train"], gen["val"], gen["size"], gen["seed"])
+        return
+    with tempfile.TemporaryDirectory(prefix="mrcnn-shapes-") as tmp:
+        marker = write_shapes_dataset(tmp, gen["train"], gen["val"], gen["size"], gen["seed"]) / ".complete"
+        done = marker.read_bytes()
+        marker.unlink()
+        upload_folder(tmp, root, s3)
+        write_bytes(join(root, ".complete"), done, s3)
 
 
 def load_split(data_cfg: dict[str, Any], split: str, categories: CategoryMap | None = None) -> Split:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from mlflow.tracking import MlflowClient
 
 from workflows.compat import quiet_consoles, quiet_ray_process
 from workflows.config import validate
-from workflows.storage import absolute
+from workflows.storage import absolute, check_writable, is_s3, join, upload_folder
 from workflows.tracking import (
     check_tracking_server,
     mlflow_client,
@@ -62,20 +63,6 @@ def quiet_ray_worker() -> None:
     quiet_ray_process()
 
 
-def ensure_writable(folder: str, key: str) -> None:
-    """Create `folder` and write a byte there, or raise naming the key and the path: checkpoints
-    and the tracking store go there, and a full disk should stop the job before training."""
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise OSError(f"{key}={folder} is not writable ({e.strerror or e}); free space there or point "
-                      f"{key} at another folder") from None
-
-
 class Job:
     """One job's set-up and end; see the module docstring. `job.cfg` is the prepared config."""
 
@@ -84,7 +71,8 @@ class Job:
         self.run_id: str | None = None
         self.run_name: str | None = None
         self.tracking_uri: str | None = None
-        self.log_file: Path | None = None
+        self.log_file: Path | None = None  # local; uploaded to `log_uri` at the end when that differs
+        self.log_uri: str | None = None
         self._handlers: list[logging.Handler] = []
         self._levels: dict[str, int] = {}
         self._sigterm = None
@@ -95,7 +83,7 @@ class Job:
         cfg = self.cfg
         validate(cfg, self.kind)
         cfg["output_dir"] = absolute(cfg["output_dir"])
-        ensure_writable(cfg["output_dir"], "output_dir")
+        check_writable(cfg["output_dir"], "output_dir", cfg["data"]["s3"])
         cfg["data"]["root"] = absolute(cfg["data"]["root"])
         for key in ("input", "output"):
             if cfg["infer"][key]:
@@ -111,9 +99,13 @@ class Job:
         raise JobInterrupted(f"{self.kind} job stopped by SIGTERM")
 
     def _setup_logging(self) -> None:
-        folder = Path(self.cfg["output_dir"]) / "logs"
+        name = f"{new_run_name(self.kind)}.log"
+        output_dir = self.cfg["output_dir"]
+        # In object storage the log is written locally and uploaded when the job ends.
+        folder = Path(tempfile.mkdtemp(prefix="mrcnn-log-")) if is_s3(output_dir) else Path(output_dir) / "logs"
         folder.mkdir(parents=True, exist_ok=True)
-        self.log_file = folder / f"{new_run_name(self.kind)}.log"
+        self.log_file = folder / name
+        self.log_uri = join(output_dir, f"logs/{name}")
         root = logging.getLogger()
         fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         to_file = logging.FileHandler(self.log_file)
@@ -175,8 +167,8 @@ class Job:
             self.run_name = new_run_name(prefix)
         self.run_id = start_or_resume_run(self.tracking_uri, self.cfg["tracking"]["experiment"], self.run_name,
                                           params, tags={"job": self.kind, **(tags or {})})
-        if self.log_file is not None:
-            self.client.set_tag(self.run_id, "log_file", str(self.log_file))
+        if self.log_uri is not None:
+            self.client.set_tag(self.run_id, "log_file", self.log_uri)
         return self.run_id
 
     # -- leaving ----------------------------------------------------------------------------
@@ -196,7 +188,19 @@ class Job:
                 root.removeHandler(h)
                 h.close()
             root.setLevel(self._levels.get("", logging.WARNING))
+            self._upload_log()
         return False
+
+    def _upload_log(self) -> None:
+        if self.log_file is None or self.log_uri == str(self.log_file):
+            return
+        try:
+            upload_folder(self.log_file.parent, join(self.cfg["output_dir"], "logs"), self.cfg["data"]["s3"])
+            shutil.rmtree(self.log_file.parent, ignore_errors=True)
+        except OSError as e:
+            print(f"WARNING: the job's log stays at {self.log_file}: it could not be uploaded to "
+                  f"{self.log_uri} ({str(e).splitlines()[0][:300]})", file=sys.stderr)
+            self.log_uri = str(self.log_file)
 
     def _end_run(self, exc: BaseException | None) -> None:
         # Ray turns Ctrl-C during `ray.get` into SystemExit: an interrupt too.
@@ -214,6 +218,6 @@ class Job:
             return
         word = {"FINISHED": "", "FAILED": " (FAILED)", "KILLED": " (KILLED)"}[status]
         print(f"MLflow run {self.run_name}{word}; open the MLflow UI: {link}")
-        if self.log_file is not None:
-            print(f"log: {self.log_file}")
+        if self.log_uri is not None:
+            print(f"log: {self.log_uri}")
 

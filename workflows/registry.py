@@ -44,6 +44,7 @@ from mrcnn.checkpoint import (
     write_model_files,
 )
 from mrcnn.data.coco import CategoryMap
+from workflows.storage import absolute, exists, is_s3, local_file
 from workflows.tracking import metric_key, mlflow_client
 
 ARTIFACT_PATH = "model"
@@ -90,9 +91,9 @@ class ModelURI:
             if not run_id:
                 raise ValueError(f"{uri}: expected runs:/RUN_ID/model")
             return cls(uri, "run", run_id=run_id, path=sub or ARTIFACT_PATH)
-        if "://" in uri or uri.startswith(("models:", "runs:")):
+        if ("://" in uri and not is_s3(uri)) or uri.startswith(("models:", "runs:")):
             raise ValueError(f"{uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model "
-                             "or a checkpoint.pt path")
+                             "or a checkpoint.pt path or s3:// URI")
         return cls(uri, "file", path=uri)
 
     def pinned(self, version: str) -> str:
@@ -258,9 +259,9 @@ def check_model(uri: str, tracking_uri: str, key: str) -> str:
         if not any(f.endswith("weights.pt") for f in files):
             raise ValueError(f"{key}: {uri} holds no logged model (files: {sorted(files)})")
         return ref.run_id
-    if not Path(uri).is_file():
+    if exists(uri) != "file":
         raise FileNotFoundError(f"{key}: {uri} is not a file nor a models:/ or runs:/ URI")
-    return str(Path(uri).resolve())
+    return absolute(uri)
 
 
 def model_source(client: MlflowClient, ref: ModelURI, tracking_uri: str) -> tuple[str, str | None, str | None]:
@@ -279,7 +280,8 @@ def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
     load; the logged code is never executed)."""
     ref = ModelURI.parse(uri)
     if ref.kind == "file":
-        model, payload = load_checkpoint(uri)
+        with local_file(uri) as path:  # s3:// with the AWS environment's settings
+            model, payload = load_checkpoint(path)
         if "label_map" not in payload:
             raise ValueError(f"{uri} has no label map; it was not written by mrcnn-train")
         return LoadedModel(model, CategoryMap.from_dict(payload["label_map"]), uri)
@@ -304,7 +306,8 @@ def initial_weights(uri: str, tracking_uri: str) -> dict[str, torch.Tensor]:
     ref = ModelURI.parse(uri)
     if ref.kind != "file":
         return load_model(uri, tracking_uri).model.state_dict()
-    payload = load_weights_file(uri)
+    with local_file(uri) as path:
+        payload = load_weights_file(path)
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
         return payload["model"]  # a checkpoint of mrcnn-train
     return remap_torchvision_keys(payload)

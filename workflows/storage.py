@@ -1,13 +1,17 @@
-"""Local paths and s3:// URIs through pyarrow's filesystems: the one way the jobs read bytes and
-list files."""
+"""Local paths and s3:// URIs through pyarrow's filesystems: the one way the jobs read, write
+and list files, wherever `data.root`, `output_dir` and infer's input and output live."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -32,13 +36,16 @@ def join(root: str, path: str) -> str:
     return absolute(out)
 
 
-def s3_filesystem(s3: dict[str, Any] | None) -> pafs.S3FileSystem:
-    """pyarrow's S3 client from the `data.s3` settings; unset keys fall back to the AWS
-    environment and files, as for the AWS CLI."""
+def s3_options(s3: dict[str, Any] | None) -> dict[str, Any]:
+    """pyarrow S3FileSystem arguments from the `data.s3` settings; an unset key falls back to the
+    AWS environment as the AWS CLI reads it (`AWS_ENDPOINT_URL(_S3)`, `AWS_REGION` /
+    `AWS_DEFAULT_REGION`; credentials from `AWS_ACCESS_KEY_ID`... or the AWS files)."""
     s3 = s3 or {}
-    kwargs: dict[str, Any] = {"region": s3.get("region") or "us-east-1"}
-    if s3.get("endpoint_override"):
-        endpoint = s3["endpoint_override"]
+    env = os.environ
+    kwargs: dict[str, Any] = {
+        "region": s3.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    endpoint = s3.get("endpoint_override") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
         kwargs["endpoint_override"] = endpoint
         if endpoint.startswith("http://"):
             kwargs["scheme"] = "http"
@@ -46,7 +53,7 @@ def s3_filesystem(s3: dict[str, Any] | None) -> pafs.S3FileSystem:
         kwargs["anonymous"] = True
     if s3.get("access_key"):
         kwargs["access_key"], kwargs["secret_key"] = s3["access_key"], s3.get("secret_key")
-    return pafs.S3FileSystem(**kwargs)
+    return kwargs
 
 
 # One filesystem per process and settings, not one per file: an S3 client is costly to build.
@@ -57,15 +64,31 @@ def filesystem(uri: str, s3: dict[str, Any] | None = None) -> tuple[pafs.FileSys
     """(filesystem, path inside it) for a local path or an s3:// URI."""
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(Path(uri).resolve())
-    key = json.dumps(s3 or {}, sort_keys=True)
+    kwargs = s3_options(s3)
+    key = json.dumps(kwargs, sort_keys=True)
     if key not in _CACHE:
-        _CACHE[key] = s3_filesystem(s3)
+        _CACHE[key] = pafs.S3FileSystem(**kwargs)
     return _CACHE[key], uri[len("s3://"):]
+
+
+def ray_storage(uri: str, s3: dict[str, Any] | None = None) -> tuple[str, pafs.FileSystem | None]:
+    """`storage_path` and `storage_filesystem` for Ray Train's and Tune's RunConfig: a local
+    folder as it is; an s3:// URI as its path inside the S3 filesystem of the job's settings."""
+    if not is_s3(uri):
+        return absolute(uri), None
+    fs, path = filesystem(uri, s3)
+    return path, fs
 
 
 def to_uri(fs_path: str, like: str) -> str:
     """A path inside the filesystem of `like` back to a path or URI a user would write."""
     return f"s3://{fs_path}" if is_s3(like) else fs_path
+
+
+def fs_uri(fs: pafs.FileSystem, path: str) -> str:
+    """A path inside a pyarrow filesystem (as Ray Train reports its checkpoints) as a path or
+    URI a user would write."""
+    return f"s3://{path}" if fs.type_name == "s3" else path
 
 
 def read_bytes(uri: str, s3: dict[str, Any] | None = None) -> bytes:
@@ -106,3 +129,50 @@ def write_bytes(uri: str, data: bytes, s3: dict[str, Any] | None = None) -> None
         os.makedirs(os.path.dirname(path), exist_ok=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def remove(uri: str, s3: dict[str, Any] | None = None) -> None:
+    fs, path = filesystem(uri, s3)
+    fs.delete_file(path)
+
+
+def check_writable(uri: str, key: str, s3: dict[str, Any] | None = None) -> None:
+    """Write 4 KiB to a new file under `uri` (a folder or prefix) and delete it, or raise naming
+    the key: checkpoints go there, and a full disk or a bucket without write access should stop
+    the job before any work."""
+    try:
+        if is_s3(uri):
+            probe = join(uri, f".write-check-{secrets.token_hex(4)}")
+            write_bytes(probe, b"\0" * 4096, s3)
+            remove(probe, s3)
+        else:
+            Path(uri).mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=uri, prefix=".write-check-") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())  # a full disk fails here, not at the first checkpoint
+    except OSError as e:
+        where = "the bucket's credentials and endpoint (AWS_* or data.s3)" if is_s3(uri) else "free space there"
+        raise OSError(f"{key}={uri} is not writable ({e.strerror or str(e).splitlines()[0][:300]}); check {where} or "
+                      f"point {key} at another folder") from None
+
+
+@contextlib.contextmanager
+def local_file(uri: str, s3: dict[str, Any] | None = None) -> Iterator[str]:
+    """A local path to read `uri` from: a local file as it is, an object downloaded to a
+    temporary file (removed on leaving)."""
+    if not is_s3(uri):
+        yield uri
+        return
+    with tempfile.TemporaryDirectory(prefix="mrcnn-") as tmp:
+        fs, path = filesystem(uri, s3)
+        local = os.path.join(tmp, posixpath.basename(path))
+        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        yield local
+
+
+def upload_folder(folder: str | os.PathLike, uri: str, s3: dict[str, Any] | None = None) -> None:
+    """Copy a local folder's files to `uri` (a folder or prefix)."""
+    fs, path = filesystem(uri, s3)
+    pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

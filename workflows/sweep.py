@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import posixpath
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from mrcnn.checkpoint import load_weights_file
 from workflows.config import flatten_space, set_path, training_params
 from workflows.job import Job, new_run_name
 from workflows.registry import DEFAULT_MODEL_NAME, log_model, register_model, run_model_id
+from workflows.storage import join, local_file, ray_storage, to_uri
 from workflows.tracking import log_metrics, mlflow_client, start_or_resume_run
 from workflows.trainer import TrainingData, build_trainer, load_training_data
 
@@ -160,15 +162,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         job.start_ray()  # with the State API: it frees placement groups of stopped trials
         name = sweep_cfg["name"] = sweep_cfg["name"] or new_run_name("sweep")
         parent = job.open_run("sweep", {"sweep": sweep_cfg, **base}, tags={"sweep": name}, name=name)
-        sweeps_dir = Path(cfg["output_dir"]) / "sweeps"
+        sweeps_dir = join(cfg["output_dir"], "sweeps")
         sweep_info = {"name": name, "parent_run_id": parent, "tracking_uri": job.tracking_uri,
-                      "max_epochs": max_epochs, "trials_dir": str(sweeps_dir / name / "trials")}
+                      "max_epochs": max_epochs, "trials_dir": join(sweeps_dir, f"{name}/trials")}
         trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=data, sweep=sweep_info),
                                         TRIAL_DRIVER_RESOURCES)
-        path = str(sweeps_dir / name)
-        if tune.Tuner.can_restore(path):
-            print(f"resuming sweep {name} from {path}")
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        storage_path, fs = ray_storage(sweeps_dir, cfg["data"]["s3"])
+        path = posixpath.join(storage_path, name)
+        if tune.Tuner.can_restore(path, storage_filesystem=fs):
+            print(f"resuming sweep {name} from {join(sweeps_dir, name)}")
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=fs)
         else:
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max_epochs,
                                       grace_period=sweep_cfg["scheduler"]["grace_period"],
@@ -180,7 +184,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                     metric=sweep_cfg["metric"], mode=sweep_cfg["mode"], scheduler=scheduler,
                     num_samples=sweep_cfg["num_samples"],
                     max_concurrent_trials=concurrent_trials(base, sweep_cfg["max_concurrent_trials"])),
-                run_config=tune.RunConfig(name=name, storage_path=str(sweeps_dir), verbose=1 if cfg["verbose"] else 0),
+                run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
+                                          verbose=1 if cfg["verbose"] else 0),
             )
         results = tuner.fit()
         return finish_sweep(cfg, results, space, parent, job.tracking_uri, max_epochs, name)
@@ -193,6 +198,8 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
     metric, mode = sweep_cfg["metric"], sweep_cfg["mode"]
     client = mlflow_client(uri)
     rows = summarize(results, space, metric, mode, max_epochs)
+    for row in rows:  # Tune reports paths inside the storage's filesystem
+        row["checkpoint"] = row["checkpoint"] and to_uri(row["checkpoint"], like=cfg["output_dir"])
     children = {r.data.tags.get("trial_id"): r.info.run_id for r in client.search_runs(
         [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
     for row in rows:
@@ -201,7 +208,7 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
             client.set_tag(child, "sweep.status", row["status"])
             client.set_terminated(child, status="FAILED" if row["status"] == "failed" else "FINISHED")
             if row["checkpoint"] and not run_model_id(client, child):  # a resumed sweep logged it before
-                log_trial_model(uri, child, row["checkpoint"])
+                log_trial_model(uri, child, row["checkpoint"], cfg["data"]["s3"])
     key = f"best_{metric}"
     ranked = [r for r in rows if r[key] == r[key] and r["checkpoint"]]
     best = (max if mode == "max" else min)(ranked, key=lambda r: r[key]) if ranked else None
@@ -231,10 +238,11 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
             "children": children}
 
 
-def log_trial_model(uri: str, run_id: str, checkpoint_dir: str) -> None:
+def log_trial_model(uri: str, run_id: str, checkpoint_dir: str, s3: dict[str, Any]) -> None:
     """A trial's last checkpoint as its run's logged model, linked to the evaluation of the same
     step (trials evaluate every epoch)."""
-    payload = load_weights_file(Path(checkpoint_dir) / "checkpoint.pt")
+    with local_file(join(checkpoint_dir, "checkpoint.pt"), s3) as path:
+        payload = load_weights_file(path)
     log_model(uri, run_id, payload, step=payload.get("step"))
 
 

@@ -17,6 +17,8 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
+from workflows.config import NO_SQLITE_IN_OBJECT_STORAGE
+
 # Throughput and waiting: the UI's system/ section, beside MLflow's own system metrics.
 SYSTEM_METRICS = ("images_per_s", "data_wait_s", "data_wait_share", "step_s")
 
@@ -84,6 +86,8 @@ def resolve_tracking_uri(tracking: dict[str, Any], output_dir: str) -> str:
     uri = tracking.get("tracking_uri")
     if uri:
         return uri
+    if "://" in output_dir:
+        raise ValueError(NO_SQLITE_IN_OBJECT_STORAGE.format(output_dir=output_dir))
     db = (Path(output_dir) / "mlflow.db").resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"

@@ -8,7 +8,6 @@ the last checkpoint. Without one, each job gets a new unique name.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
@@ -17,7 +16,8 @@ from mlflow.tracking import MlflowClient
 from workflows.config import training_params
 from workflows.job import Job
 from workflows.registry import CANDIDATE, ModelURI, check_model, register_model
-from workflows.trainer import TrainingData, build_trainer, load_training_data, log_final_model
+from workflows.storage import join, write_bytes
+from workflows.trainer import TrainingData, build_trainer, checkpoint_file, load_training_data, log_final_model
 
 
 def log_data_report(client: MlflowClient, run_id: str, data: TrainingData) -> None:
@@ -43,15 +43,15 @@ def starting_point(init_weights: str | None, tracking_uri: str) -> tuple[str | N
     return (resolved if ref.kind == "file" else init_weights), {"init_weights": init_weights}
 
 
-def report_unlogged(unlogged: list[str], run_id: str, folder: Path) -> None:
+def report_unlogged(unlogged: list[str], run_id: str, folder: str, s3: dict[str, Any]) -> None:
     """Name the MLflow writes the workers could not send (the server was away until the end),
     and keep the list beside the run's checkpoints."""
     if not unlogged:
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "mlflow_unlogged.txt").write_text("\n".join(unlogged) + "\n")
+    listed = join(folder, "mlflow_unlogged.txt")
+    write_bytes(listed, ("\n".join(unlogged) + "\n").encode(), s3)
     print(f"WARNING: {len(unlogged)} MLflow writes of run {run_id} could not be sent (the server was "
-          f"unreachable); they are listed in {folder / 'mlflow_unlogged.txt'}, the first:")
+          f"unreachable); they are listed in {listed}, the first:")
     for what in unlogged[:5]:
         print(f"  {what}")
 
@@ -67,16 +67,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg["trainer"]["init_weights"] = init_weights
         cfg["run_name"] = job.run_name
         log_data_report(job.client, run_id, data)
-        storage = Path(cfg["output_dir"]) / "ray_results"
-        result = build_trainer(training_params(cfg), data, run_id, job.tracking_uri, storage_path=str(storage),
+        storage = join(cfg["output_dir"], "ray_results")
+        result = build_trainer(training_params(cfg), data, run_id, job.tracking_uri, storage_path=storage,
                                name=job.run_name).fit()
-        report_unlogged((result.metrics or {}).get("mlflow_unlogged") or [], run_id, storage / job.run_name)
+        report_unlogged((result.metrics or {}).get("mlflow_unlogged") or [], run_id, join(storage, job.run_name),
+                        cfg["data"]["s3"])
         registered = cfg["tracking"]["registered_model"]
         try:
             checkpoint = log_final_model(job.tracking_uri, run_id, result)
             version = register_model(job.client, run_id, registered) if registered and checkpoint else None
         except MlflowException as e:
-            where = f"{result.checkpoint.path}/checkpoint.pt" if result.checkpoint else "none"
+            where = checkpoint_file(result.checkpoint) if result.checkpoint else "none"
             raise ConnectionError(
                 f"training finished but MLflow at {job.tracking_uri} failed while logging the model "
                 f"({str(e)[:300]}); the final checkpoint is {where} (`infer.model=` and `mrcnn-evaluate` take it "

@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import copy
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from mrcnn.checkpoint import checkpoint_step, load_weights_file
@@ -20,7 +21,7 @@ from mrcnn.data.coco import CategoryMap
 from workflows.config import validate
 from workflows.ingest import ExactSplitDataConfig, Split, ensure_shapes, image_dataset, load_split
 from workflows.registry import log_model
-from workflows.storage import join
+from workflows.storage import fs_uri, join, list_files, local_file, ray_storage
 
 
 @dataclass
@@ -53,15 +54,18 @@ def load_training_data(cfg: dict[str, Any]) -> TrainingData:
     return TrainingData(train, val)
 
 
-def newest_complete_checkpoint(run_folder: Path) -> str | None:
-    """The newest checkpoint file in a Ray Train run's folder that loads, recorded by Ray Train
-    or not: a driver killed after a worker wrote `checkpoint_*/checkpoint.pt` but before Ray
-    Train recorded it leaves one that Ray Train's own resume does not see. Workers resume from
-    whichever of the two is further on (`workflows.worker.resume`)."""
-    folders = sorted((d for d in run_folder.glob("checkpoint_*") if d.is_dir()), reverse=True)  # by time
-    for folder in folders:
-        if checkpoint_step(folder / "checkpoint.pt") is not None:
-            return str(folder / "checkpoint.pt")
+def newest_complete_checkpoint(run_folder: str, s3: dict[str, Any] | None = None) -> str | None:
+    """The newest checkpoint file (path or URI) in a Ray Train run's folder that loads, recorded
+    by Ray Train or not: a driver killed after a worker wrote `checkpoint_*/checkpoint.pt` but
+    before Ray Train recorded it leaves one that Ray Train's own resume does not see. Workers
+    resume from whichever of the two is further on (`workflows.worker.resume`)."""
+    files = [f for f in list_files(run_folder, s3, suffixes=("/checkpoint.pt",))
+             if posixpath.basename(posixpath.dirname(f)).startswith("checkpoint_")
+             and posixpath.dirname(posixpath.dirname(f)) == run_folder.rstrip("/")]
+    for f in sorted(files, reverse=True):  # Ray Train's folder names sort by time
+        with local_file(f, s3) as path:
+            if checkpoint_step(path) is not None:
+                return f
     return None
 
 
@@ -82,6 +86,7 @@ def build_trainer(
     resources = {"CPU": trainer_cfg["cpus_per_worker"]}
     if trainer_cfg["use_gpu"]:
         resources["GPU"] = 1
+    ray_path, ray_fs = ray_storage(storage_path, cfg["data"]["s3"])
 
     def train_loop(config: dict[str, Any]) -> None:
         # Nested, so pickled by value: Ray Train's controller, which unpickles it, then imports
@@ -96,7 +101,7 @@ def build_trainer(
             "cfg": cfg, "label_map": data.labels.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
             "num_train_images": len(data.train.records),
             "val_annotations": join(cfg["data"]["root"], cfg["data"]["val_annotations"]),
-            "resume_from": newest_complete_checkpoint(Path(storage_path) / name),
+            "resume_from": newest_complete_checkpoint(join(storage_path, name), cfg["data"]["s3"]),
         },
         torch_config=TorchConfig(backend="nccl" if trainer_cfg["use_gpu"] else "gloo"),
         scaling_config=ScalingConfig(num_workers=trainer_cfg["num_workers"], use_gpu=trainer_cfg["use_gpu"],
@@ -106,7 +111,7 @@ def build_trainer(
                   "val": image_dataset(data.val, cfg["data"], train=False)},
         dataset_config=ExactSplitDataConfig(),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks,
+            name=name, storage_path=ray_path, storage_filesystem=ray_fs, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=trainer_cfg["num_to_keep"]),
             failure_config=FailureConfig(max_failures=trainer_cfg["max_failures"]),
             # Ray Train's routine lines (worker group started, checkpoint saved, each report)
@@ -116,12 +121,18 @@ def build_trainer(
     )
 
 
+def checkpoint_file(checkpoint: Checkpoint) -> str:
+    """The path or s3:// URI of a Ray Train checkpoint's `checkpoint.pt`."""
+    return f"{fs_uri(checkpoint.filesystem, checkpoint.path)}/checkpoint.pt"
+
+
 def log_final_model(tracking_uri: str, run_id: str, result: Result) -> str | None:
     """Log the fitted run's last checkpoint as the MLflow run's logged model, its final
-    evaluation linked to it; returns the checkpoint file's path (None when the run saved none)."""
+    evaluation linked to it; returns the checkpoint file's path or URI (None when the run saved
+    none)."""
     if result.checkpoint is None:
         return None
     with result.checkpoint.as_directory() as d:
         payload = load_weights_file(Path(d) / "checkpoint.pt")
     log_model(tracking_uri, run_id, payload, step=payload.get("step"))
-    return f"{result.checkpoint.path}/checkpoint.pt"
+    return checkpoint_file(result.checkpoint)

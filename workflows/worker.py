@@ -29,7 +29,7 @@ from workflows.allocator import reuse_large_blocks
 from workflows.compat import quiet_consoles
 from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
 from workflows.registry import initial_weights
-from workflows.storage import read_bytes
+from workflows.storage import local_file, read_bytes
 from workflows.tracking import RunLogger, metric_key
 
 
@@ -135,10 +135,12 @@ def resume(w: Worker, unrecorded: str | None) -> tuple[int, int]:
     if checkpoint:
         with checkpoint.as_directory() as d:
             payload = load_weights_file(Path(d) / "checkpoint.pt")
-    if unrecorded and (payload is None or (checkpoint_step(unrecorded) or -1) > payload["step"]):
-        payload = load_weights_file(unrecorded)
-        if w.rank == 0:
-            say(f"{unrecorded} is newer than any checkpoint Ray Train recorded (its driver stopped first)")
+    if unrecorded:
+        with local_file(unrecorded, w.cfg["data"]["s3"]) as path:
+            if payload is None or (checkpoint_step(path) or -1) > payload["step"]:
+                payload = load_weights_file(path)
+                if w.rank == 0:
+                    say(f"{unrecorded} is newer than any checkpoint Ray Train recorded (its driver stopped first)")
     if payload is None:
         return 0, 0
     w.core.load_state_dict(payload["model"])

@@ -57,3 +57,11 @@ def upload_folder(endpoint: str, bucket: str, folder: Path, prefix: str) -> None
 
 def set_credentials() -> None:
     os.environ.update(CREDENTIALS)
+
+
+def create_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
