@@ -180,49 +180,72 @@ def registry_version(client, url: str, run_id: str, overrides: list[str]) -> str
 
 
 @pytest.mark.slow
-def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(gapped_shapes, tmp_path):
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(gapped_shapes, tmp_path, monkeypatch):
     """SIGKILL the sweep's driver once its second trial has started; the same command finishes
-    the sweep into the same parent run, and the finished trial is not run again."""
+    the sweep into the same parent run, and the finished trial is not run again. The sweep's
+    state and the trials' checkpoints live in a bucket (a local S3 server), reached through the
+    AWS environment alone; the tracking store is the one local file."""
     import ray
+    from helpers.s3server import CREDENTIALS, create_bucket, s3_server
+
+    from workflows.storage import list_files
 
     ray.shutdown()
-    out = tmp_path / "out"
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     temp = ray_temp_dir("rt")  # the Ray instances of this test only (short: socket paths)
-    args = [str(Path(sys.executable).parent / "mrcnn-tune"), f"output_dir={out}", f"data.root={gapped_shapes}", *TINY,
-            f"tracking.tracking_uri={db}", "sweep.name=resume", "~sweep.space.model",
+    args = [str(Path(sys.executable).parent / "mrcnn-tune"), "output_dir=s3://runs/out", f"data.root={gapped_shapes}",
+            *TINY, f"tracking.tracking_uri={db}", "sweep.name=resume", "~sweep.space.model",
             "+sweep.space.trainer.optimizer.lr={grid:[1e-3,2e-3]}", "sweep.scheduler.max_epochs=1",
             "sweep.scheduler.grace_period=1", "sweep.max_concurrent_trials=1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
-    env.update(RAY_TMPDIR=str(temp), PYTHONPATH=str(REPO))
-    log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    trials = out / "sweeps" / "resume" / "trials"
-    try:
-        deadline = time.time() + 400
-        # The first trial finished (its one epoch checkpointed) and the second has started: kill.
-        while time.time() < deadline and proc.poll() is None:
-            dirs = {d: [c for c in d.glob("checkpoint_*") if c.is_dir()] for d in trials.glob("*")}
-            done = [d for d, cs in dirs.items() if cs]
-            started = [d for d in dirs if d not in done]
-            if done and started:
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert done and started, "the sweep did not reach its second trial in time"
-        first_trial = done[0]
-        first_checkpoints = sorted(p.name for p in first_trial.glob("checkpoint_*"))
-        kill_job(proc, str(temp))
-    finally:
-        log.close()
-        remove_ray_temp_dir(temp)
+    trials = "s3://runs/out/sweeps/resume/trials"
 
-    try:
-        second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        remove_ray_temp_dir(temp)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming sweep resume" in second.stdout + second.stderr
+    def checkpoints() -> dict[str, list[str]]:
+        """{trial folder: its checkpoint files}, listed in the bucket."""
+        found: dict[str, list[str]] = {}
+        for f in list_files(trials):
+            trial, _, rest = f[len(trials) + 1:].partition("/")
+            found.setdefault(trial, [])
+            if rest.startswith("checkpoint_") and rest.endswith("/checkpoint.pt"):
+                found[trial].append(rest)
+        return found
+
+    with s3_server() as endpoint:
+        create_bucket(endpoint, "runs")
+        aws = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+        env.update(RAY_TMPDIR=str(temp), PYTHONPATH=str(REPO), **aws)
+        for key, value in aws.items():  # for list_files here
+            monkeypatch.setenv(key, value)
+        log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 400
+            # The first trial finished (its one epoch checkpointed) and the second has started: kill.
+            while time.time() < deadline and proc.poll() is None:
+                found = checkpoints()
+                done = [t for t, cs in found.items() if cs]
+                started = [t for t in found if t not in done]
+                if done and started:
+                    break
+                time.sleep(0.5)
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert done and started, "the sweep did not reach its second trial in time"
+            first_trial, first_checkpoints = done[0], found[done[0]]
+            kill_job(proc, str(temp))
+        finally:
+            log.close()
+            remove_ray_temp_dir(temp)
+
+        try:
+            second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        finally:
+            remove_ray_temp_dir(temp)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        assert "resuming sweep resume from s3://runs/out/sweeps/resume" in second.stdout + second.stderr
+        # The finished trial was not trained again: the same checkpoints.
+        assert checkpoints()[first_trial] == first_checkpoints
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("s3")]
     client = MlflowClient(db)
     exp = client.get_experiment_by_name("maskrcnn")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.ray_run_name = 'resume'")
@@ -230,8 +253,8 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(gapped_sh
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert len(children) == 2 and all(c.data.tags["sweep.status"] == "completed" for c in children)
-    # The finished trial was not trained again: same checkpoints, one loss value per step.
-    assert sorted(p.name for p in first_trial.glob("checkpoint_*")) == first_checkpoints
-    for c in children:
+    assert all(len(client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{c.info.run_id}'"))
+               == 1 for c in children)  # each trial's model, read from its checkpoint in the bucket
+    for c in children:  # one loss value per step
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
         assert len(steps) == len(set(steps)) and max(steps) == 4, steps
