@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,6 +109,55 @@ def test_two_node_cluster_trains_and_segments_on_both_nodes(gapped_shapes, tmp_p
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_a_node_that_does_not_share_a_local_path_stops_the_job_before_work(gapped_shapes, tmp_path):
+    """A second node in a mount namespace of its own, where the job's output folder is another
+    (empty) tmpfs: `mrcnn-train` with that local output_dir and the SQLite store in it stops
+    before any work, naming both keys and what to set. (Nodes that share the disk pass the same
+    check: test_two_node_cluster_trains_and_segments_on_both_nodes.)"""
+    from helpers.servers import free_port, kill_processes_mentioning
+
+    ray.shutdown()
+    private = Path(tempfile.mkdtemp(prefix="np", dir="/tmp"))
+    temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = BIN / "ray"
+    node_b = None
+    try:
+        subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                        "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats",
+                        "--temp-dir", temp], env=env, check=True, capture_output=True)
+        node_b = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f"mount -t tmpfs tmpfs {private} && exec {ray_bin} start --address 127.0.0.1:{port} "
+             "--node-ip-address 127.0.0.1 --num-cpus 1 --disable-usage-stats --block"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        deadline = time.time() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert time.time() < deadline and node_b.poll() is None, "the second node did not join"
+            time.sleep(1)
+        out = private / "out"
+        cfg = tiny(out, gapped_shapes, "trainer.epochs=1", f"ray_address=127.0.0.1:{port}")
+        with pytest.raises(ValueError) as refused:
+            run(cfg)
+        message = str(refused.value)
+        assert re.search(rf"output_dir={out} is a local path that node\(s\) \S+ do not share", message), message
+        assert "output_dir=s3://bucket/prefix" in message
+        assert f"tracking.tracking_uri=sqlite:///{out}/mlflow.db is a local path" in message
+        assert "data.root" not in message  # the dataset folder is shared
+        assert not (out / "ray_results").exists() and not list(out.glob(".node-check-*"))
+    finally:
+        ray.shutdown()
+        kill_processes_mentioning(temp, str(port))
+        if node_b is not None:
+            node_b.kill()
+            node_b.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")

@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 
 from workflows.compat import quiet_consoles, quiet_ray_process
 from workflows.config import validate
+from workflows.node_paths import check_nodes_share_paths
 from workflows.storage import absolute, check_writable, is_s3, join, upload_folder
 from workflows.tracking import (
     check_tracking_server,
@@ -133,7 +134,8 @@ class Job:
         at the priority of Ray's own processes (not niced: measured 1.3 -> 1.0 s a step on 2
         cores) and without Ray Train's preemption watcher (a laptop is not preempted). It keeps
         the dashboard: its State API is what Ray Train's placement-group cleaner and stopped Tune
-        trials need. Then the checks that need the cluster's size."""
+        trials need. Then the checks that need the cluster: its size, and on more than one node,
+        that every node shares the job's local paths (`workflows.node_paths`)."""
         import ray
 
         if not ray.is_initialized():
@@ -153,6 +155,7 @@ class Job:
         ctx.print_on_execution_start = bool(self.cfg["verbose"])
         if self.cfg["ray_address"] is None:  # a cluster may add nodes; this machine will not
             validate(self.cfg, self.kind, cpus=ray.cluster_resources().get("CPU", 0))
+        check_nodes_share_paths(self.cfg, self.kind, self.tracking_uri)
 
     @property
     def client(self) -> MlflowClient:
