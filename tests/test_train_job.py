@@ -267,3 +267,23 @@ def test_a_crashed_job_ends_failed_with_the_error(ray_local, gapped_shapes, tmp_
     exp = client.get_experiment_by_name("maskrcnn").experiment_id
     crashed = client.search_runs([exp], filter_string="tags.ray_run_name = 'diverges'")[0]
     assert crashed.info.status == "FAILED" and "loss is" in crashed.data.tags["error"], crashed.data.tags
+
+
+def test_the_kuberay_manifest_runs_a_valid_command_on_the_pinned_ray():
+    """deploy/rayjob.yaml's entrypoint composes with Hydra and passes every value check, and the
+    image, the manifest and pyproject.toml name the same Ray."""
+    import re
+    import shlex
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    job = yaml.safe_load((repo / "deploy/rayjob.yaml").read_text())
+    command, *overrides = shlex.split(job["spec"]["entrypoint"])
+    assert command == "mrcnn-train"
+    cfg = compose_job(overrides)
+    validate(cfg, "train")
+    assert cfg["output_dir"].startswith("s3://") and cfg["data"]["root"].startswith("s3://")
+    pinned = re.search(r'"ray\[[^\]]*\]>=([\d.]+),<', (repo / "pyproject.toml").read_text()).group(1)
+    version = job["spec"]["rayClusterSpec"]["rayVersion"]
+    assert version.startswith(f"{pinned}.") and f"rayproject/ray:{version}-" in (repo / "deploy/Dockerfile").read_text()
