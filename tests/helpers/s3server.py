@@ -21,17 +21,17 @@ def _free_port() -> int:
 
 
 @contextmanager
-def s3_server():
-    """Yields the endpoint URL; the server is stopped on exit."""
+def s3_server(host: str = "127.0.0.1"):
+    """Yields the endpoint URL of a server listening on `host`; the server is stopped on exit."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"http://{host}:{port}"
     try:
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                socket.create_connection((host, port), timeout=0.5).close()
                 break
             except OSError:
                 time.sleep(0.2)

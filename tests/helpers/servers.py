@@ -36,18 +36,19 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 @contextmanager
-def mlflow_server(root: Path, port: int | None = None, backend: str | None = None):
-    """`mlflow server` with a SQLite store (under `root`, or `backend`) and local artifacts;
-    yields its URL. The same `root` and `port` again: the same server back after it went away."""
+def mlflow_server(root: Path, port: int | None = None, backend: str | None = None, host: str = "127.0.0.1"):
+    """`mlflow server` on `host` with a SQLite store (under `root`, or `backend`) and local
+    artifacts; yields its URL. The same `root` and `port` again: the same server back after it
+    went away."""
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "server.log", "wb")  # noqa: SIM115 - outlives this statement, closed below
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        [str(BIN / "mlflow"), "server", "--host", host, "--port", str(port),
          "--backend-store-uri", backend or f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     try:
         wait_http(f"{url}/health", timeout=90)
         yield url
