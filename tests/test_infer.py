@@ -298,7 +298,7 @@ def test_predictors_stay_flat_over_thousands_of_images_with_detections(registere
     paths = pq.read_table(out, columns=["path"]).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == n
     shared = [p for p in mem.series("predictor", "shmem") if p[0] >= n // 2]
-    assert len({p[0] for p in shared}) >= 10, shared
+    assert len({p[0] for p in shared}) >= 8, shared  # files of 100 rows: up to 11 points
     slope = slope_per_1000(shared)
     assert slope < 2.0, f"predictors map {slope:.2f} MiB of the object store per 1,000 images: {shared}"
 

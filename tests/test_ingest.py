@@ -174,4 +174,5 @@ def test_split_rests_while_its_consumer_is_slow(ray_local):
     finally:  # to the end: a split left running would touch Ray after the module shuts it down
         for _ in batches:
             pass
-    assert share < 0.10, f"the split coordinator took {100 * share:.0f} % of a core waiting for its consumer"
+    # Spinning is a full core; resting measured 3-10 % (slow machines at the top).
+    assert share < 0.25, f"the split coordinator took {100 * share:.0f} % of a core waiting for its consumer"

@@ -63,6 +63,8 @@ def test_resume_finds_the_newest_complete_checkpoint_in_the_bucket(aws_env, tmp_
     copy stopped half-way): resume takes the complete one, and it loads from its URI."""
     cfg = ModelConfig(num_classes=3)
     cfg.backbone.name = "resnet18"
+    cfg.backbone.fpn_channels = cfg.roi_heads.representation_size = 32  # a small file to upload
+    cfg.roi_heads.mask_layers = [32]
     save_checkpoint(tmp_path / "c.pt", build_model(cfg), step=12, epoch=2,
                     label_map={"category_ids": [1, 2], "names": ["a", "b"]})
     data = (tmp_path / "c.pt").read_bytes()
