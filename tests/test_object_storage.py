@@ -72,8 +72,8 @@ def test_resume_finds_the_newest_complete_checkpoint_in_the_bucket(aws_env, tmp_
     write_bytes(f"{run}/checkpoint_2026-01-01_00-00-01.000000/checkpoint.pt", data)
     write_bytes(f"{run}/checkpoint_2026-01-01_00-00-02.000000/checkpoint.pt", data[: len(data) // 3])
     write_bytes("s3://runs/out/ray_results/r10/checkpoint_2026-01-01_00-00-03.000000/checkpoint.pt", data)
-    found = newest_complete_checkpoint(run)
-    assert found == f"{run}/checkpoint_2026-01-01_00-00-01.000000/checkpoint.pt"
+    found, step = newest_complete_checkpoint(run)
+    assert (found, step) == (f"{run}/checkpoint_2026-01-01_00-00-01.000000/checkpoint.pt", 12)
     assert newest_complete_checkpoint("s3://runs/out/ray_results/none") is None
     loaded = load_model(found)  # mrcnn-infer / mrcnn-evaluate take a checkpoint URI
     assert loaded.labels.category_ids == [1, 2]

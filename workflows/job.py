@@ -35,7 +35,7 @@ from mlflow.tracking import MlflowClient
 from workflows.compat import quiet_consoles, quiet_ray_process
 from workflows.config import validate
 from workflows.node_paths import check_nodes_share_paths
-from workflows.storage import absolute, check_writable, is_s3, join, upload_folder
+from workflows.storage import absolute, check_writable, is_s3, join, write_bytes
 from workflows.tracking import (
     check_tracking_server,
     mlflow_client,
@@ -198,7 +198,7 @@ class Job:
         if self.log_file is None or self.log_uri == str(self.log_file):
             return
         try:
-            upload_folder(self.log_file.parent, join(self.cfg["output_dir"], "logs"), self.cfg["data"]["s3"])
+            write_bytes(self.log_uri, self.log_file.read_bytes(), self.cfg["data"]["s3"])
             shutil.rmtree(self.log_file.parent, ignore_errors=True)
         except OSError as e:
             print(f"WARNING: the job's log stays at {self.log_file}: it could not be uploaded to "

@@ -54,8 +54,8 @@ def load_training_data(cfg: dict[str, Any]) -> TrainingData:
     return TrainingData(train, val)
 
 
-def newest_complete_checkpoint(run_folder: str, s3: dict[str, Any] | None = None) -> str | None:
-    """The newest checkpoint file (path or URI) in a Ray Train run's folder that loads, recorded
+def newest_complete_checkpoint(run_folder: str, s3: dict[str, Any] | None = None) -> tuple[str, int] | None:
+    """(path or URI, step) of the newest checkpoint file in a Ray Train run's folder that loads, recorded
     by Ray Train or not: a driver killed after a worker wrote `checkpoint_*/checkpoint.pt` but
     before Ray Train recorded it leaves one that Ray Train's own resume does not see. Workers
     resume from whichever of the two is further on (`workflows.worker.resume`)."""
@@ -64,8 +64,9 @@ def newest_complete_checkpoint(run_folder: str, s3: dict[str, Any] | None = None
              and posixpath.dirname(posixpath.dirname(f)) == run_folder.rstrip("/")]
     for f in sorted(files, reverse=True):  # Ray Train's folder names sort by time
         with local_file(f, s3) as path:
-            if checkpoint_step(path) is not None:
-                return f
+            step = checkpoint_step(path)
+        if step is not None:
+            return f, step
     return None
 
 

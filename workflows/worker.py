@@ -21,7 +21,7 @@ import torch.distributed as dist
 from mlflow.exceptions import MlflowException
 
 from mrcnn import build_model
-from mrcnn.checkpoint import checkpoint_step, load_weights_file, matching_tensors, save_checkpoint
+from mrcnn.checkpoint import load_weights_file, matching_tensors, save_checkpoint
 from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_side_by_side
@@ -125,22 +125,22 @@ def start_from(model: torch.nn.Module, uri: str, tracking_uri: str, say_it: bool
             + (", ".join(fresh) if fresh else "none"))
 
 
-def resume(w: Worker, unrecorded: str | None) -> tuple[int, int]:
+def resume(w: Worker, unrecorded: tuple[str, int] | None) -> tuple[int, int]:
     """(first epoch, global step) from the latest checkpoint: Ray Train's (a rerun of the same
-    run name, or a restart after a worker failure), or `unrecorded`, the newest complete one in
-    the run's folder when it is further on (the driver died before Ray Train recorded it).
+    run name, or a restart after a worker failure), or `unrecorded` (file, step), the newest
+    complete one in the run's folder, when it is further on (the driver died before Ray Train
+    recorded it): only then is it read.
     (0, 0) for a fresh run."""
     payload = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             payload = load_weights_file(Path(d) / "checkpoint.pt")
-    if unrecorded:
-        with local_file(unrecorded, w.cfg["data"]["s3"]) as path:
-            if payload is None or (checkpoint_step(path) or -1) > payload["step"]:
-                payload = load_weights_file(path)
-                if w.rank == 0:
-                    say(f"{unrecorded} is newer than any checkpoint Ray Train recorded (its driver stopped first)")
+    if unrecorded and (payload is None or unrecorded[1] > payload["step"]):
+        with local_file(unrecorded[0], w.cfg["data"]["s3"]) as path:
+            payload = load_weights_file(path)
+        if w.rank == 0:
+            say(f"{unrecorded[0]} is newer than any checkpoint Ray Train recorded (its driver stopped first)")
     if payload is None:
         return 0, 0
     w.core.load_state_dict(payload["model"])
