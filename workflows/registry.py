@@ -45,7 +45,7 @@ from mrcnn.checkpoint import (
 )
 from mrcnn.data.coco import CategoryMap
 from workflows.storage import absolute, exists, is_s3, local_file
-from workflows.tracking import metric_key, mlflow_client
+from workflows.tracking import fluent_api_at, metric_key, mlflow_client
 
 ARTIFACT_PATH = "model"
 # Registry aliases: training and sweeps register `candidate`; promotion moves `champion`.
@@ -158,23 +158,22 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: dict[str, Any], step: 
     requirements), an output of the run at `step`. The run's evaluation metrics at `step` (its
     final evaluation) are linked to it, so MLflow ranks the experiment's models by them. Returns
     the logged model's id."""
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     client = mlflow_client(tracking_uri)
     run = client.get_run(run_id)
     step = step or 0
-    # Created apart from the run: logged inside it, MLflow would link every metric the run has
-    # at `step` (losses, lr, throughput) to the model, and the Models tab would show those first.
-    model = mlflow.initialize_logged_model(name=ARTIFACT_PATH, source_run_id=run_id,
-                                           experiment_id=run.info.experiment_id, params=run.data.params)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_model_files(tmp, checkpoint["model"], checkpoint["model_config"], checkpoint["label_map"])
-        artifacts = {"weights": f"{tmp}/weights.pt", "model_config": f"{tmp}/model_config.json",
-                     "label_map": f"{tmp}/label_map.json"}
-        mlflow.pyfunc.log_model(
-            name=ARTIFACT_PATH, model_id=model.model_id, python_model=str(PYFUNC_FILE), artifacts=artifacts,
-            code_paths=[str(Path(mrcnn.__file__).parent)], signature=_signature(), input_example=_input_example(),
-            pip_requirements=_requirements())
+    with fluent_api_at(tracking_uri):
+        # Created apart from the run: logged inside it, MLflow would link every metric the run has
+        # at `step` (losses, lr, throughput) to the model, and the Models tab would show those first.
+        model = mlflow.initialize_logged_model(name=ARTIFACT_PATH, source_run_id=run_id,
+                                               experiment_id=run.info.experiment_id, params=run.data.params)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_model_files(tmp, checkpoint["model"], checkpoint["model_config"], checkpoint["label_map"])
+            artifacts = {"weights": f"{tmp}/weights.pt", "model_config": f"{tmp}/model_config.json",
+                         "label_map": f"{tmp}/label_map.json"}
+            mlflow.pyfunc.log_model(
+                name=ARTIFACT_PATH, model_id=model.model_id, python_model=str(PYFUNC_FILE), artifacts=artifacts,
+                code_paths=[str(Path(mrcnn.__file__).parent)], signature=_signature(),
+                input_example=_input_example(), pip_requirements=_requirements())
     client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step)])
     # The same points, linked (as MLflow links a model's metrics): the run's history is unchanged.
     linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id, run_id=run_id)
@@ -200,7 +199,9 @@ def register_model(client: MlflowClient, run_id: str, name: str, alias: str | No
         client.create_registered_model(name)
     model_id = run_model_id(client, run_id)
     if model_id:
-        version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id)
+        # A SQLite registry reads the logged model through MLflow's global tracking URI.
+        with fluent_api_at(client.tracking_uri):
+            version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id)
         # As mlflow.register_model records it: the Models tab shows the versions of each model.
         versions = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
         client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(

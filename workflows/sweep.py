@@ -234,6 +234,9 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
         if child:
             version = register_model(client, child, registered, sweep_cfg["register_alias"])
     print_summary(rows, key, best, name, version, cfg, space)
+    if best is not None and version is None:
+        raise RuntimeError(f"the best trial {best['trial_id']} has no MLflow run under the sweep's run {parent}: "
+                           "nothing registered; its checkpoint is " + str(best["checkpoint"]))
     return {"parent_run_id": parent, "best": best, "rows": rows, "version": version, "tracking_uri": uri,
             "children": children}
 

@@ -9,9 +9,10 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 import yaml
@@ -24,6 +25,32 @@ SYSTEM_METRICS = ("images_per_s", "data_wait_s", "data_wait_share", "step_s")
 
 
 _READY_STORES: set[str] = set()
+
+
+@contextmanager
+def fluent_api_at(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.pyfunc.log_model`, `mlflow.initialize_logged_model`) pointed
+    at `uri` within the block. Setting it changes the process's URIs and exports them as
+    MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI to every later subprocess and client: all of it
+    is restored after, so a job run in a notebook (or a test) leaves no server behind it for
+    the next one to reach."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    tracking, registry = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_registry_uri(registry)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def mlflow_client(uri: str) -> MlflowClient:
