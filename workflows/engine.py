@@ -5,14 +5,16 @@ The training loop (per-epoch evaluation), `mrcnn-evaluate` and the sweeps all ca
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from mrcnn.data.coco import CategoryMap
+from mrcnn.data.transforms import to_model_inputs
 from mrcnn.evaluation.coco_eval import evaluate_coco, to_coco_results
 from mrcnn.masks import encode_masks
 from mrcnn.segment import predict_images
@@ -23,6 +25,10 @@ LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_bo
 
 @dataclass
 class EpochStats:
+    """One rank's epoch: its steps (made together with the other ranks), the images it trained
+    on, its time waiting for data and computing, and the sums of the losses averaged over the
+    ranks' batches."""
+
     steps: int = 0
     images: int = 0
     data_wait_s: float = 0.0
@@ -33,6 +39,20 @@ class EpochStats:
         return {k: v / max(self.steps, 1) for k, v in self.loss_sums.items()}
 
 
+@dataclass
+class Progress:
+    """How far training is on its schedule: the images every rank has trained on, counted in
+    planned steps of `per_step` images (the global batch). With a dynamic split the ranks'
+    shares of an epoch differ from step to step; the images are what the schedule plans for."""
+
+    per_step: int
+    images: int = 0
+
+    @property
+    def position(self) -> float:
+        return self.images / self.per_step
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -41,52 +61,99 @@ def train_one_epoch(
     batches: Iterator[dict[str, Any]],
     device: torch.device,
     step: int,
+    progress: Progress,
     max_steps: int = 0,
     amp: bool = False,
     grad_clip_norm: float | None = None,
-    on_step: Callable[[int, dict[str, torch.Tensor], EpochStats], None] | None = None,
+    on_step: Callable[[int, dict[str, float], EpochStats], None] | None = None,
 ) -> tuple[int, EpochStats]:
-    """Run `model` over `batches` (numpy batches from Ray Data) until they end or the global
-    `step` reaches `max_steps` (0: no limit). Returns (the new step, this epoch's stats);
-    `on_step(step, losses, stats)` is called after every optimizer step."""
+    """Run `model` over `batches` (numpy batches from Ray Data) until every rank's batches end or
+    the global `step` reaches `max_steps` (0: no limit). Returns (the new step, this rank's
+    stats); `on_step(step, losses averaged over the ranks' batches, stats)` is called after every
+    optimizer step, on every rank.
+
+    Under DDP the ranks step together while any of them has a batch: a rank whose share of the
+    epoch has ended steps on its last batch (a blank image before it had one) with its loss
+    times zero. So every rank makes the same optimizer steps (same parameters, optimizer state
+    and LR) and no image is dropped or seen twice, however unevenly a dynamic split deals the
+    epoch. `progress` counts the images of all ranks."""
     stats = EpochStats()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    spare = None
     while not (max_steps and step >= max_steps):
         t0 = time.perf_counter()
         batch = next(batches, None)
-        if batch is None:
+        if batch is not None:
+            images, targets = to_device(*batch_to_model_inputs(batch)[:2], device)
+            spare = images, targets
+        n = 0 if batch is None else len(images)
+        total, ranks = all_ranks_sum([n, n > 0], world, device)
+        if total == 0:
             break
-        images, targets, _ = batch_to_model_inputs(batch)
-        images = [im.to(device, non_blocking=True) for im in images]
-        for t in targets:
-            t["boxes"], t["labels"] = t["boxes"].to(device), t["labels"].to(device)
+        if batch is None:
+            images, targets = spare or blank_input(device)
         t1 = time.perf_counter()
         with torch.autocast(device.type, enabled=amp):
             losses = model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        if n and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {step} ({ {k: v.item() for k, v in losses.items()} }); "
                 "lower trainer.optimizer.lr or set trainer.optimizer.grad_clip_norm")
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        # DDP averages gradients over all ranks: the mean over the ranks that had a batch.
+        scaler.scale(loss * (world / ranks if n else 0.0)).backward()
         if grad_clip_norm:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
         scaler.step(optimizer)
         scaler.update()
+        progress.images += total
         scheduler.step()
         step += 1
+        values = all_ranks_mean({k: losses[k].detach() for k in LOSS_NAMES}, n > 0, world, device)
         stats.steps += 1
-        stats.images += len(images)
+        stats.images += n
         stats.data_wait_s += t1 - t0
         stats.compute_s += time.perf_counter() - t1
         for k in LOSS_NAMES:
-            stats.loss_sums[k] += losses[k].item()
+            stats.loss_sums[k] += values[k]
         if on_step is not None:
-            on_step(step, losses, stats)
+            on_step(step, values, stats)
     return step, stats
+
+
+def all_ranks_sum(values: list[int], world: int, device: torch.device) -> list[int]:
+    """`values` summed over the ranks (as they are with one)."""
+    if world == 1:
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_ranks_mean(losses: dict[str, torch.Tensor], counts: bool, world: int, device: torch.device) -> dict[str, float]:
+    """Each loss averaged over the ranks where `counts` (those that trained on a batch)."""
+    if world == 1:
+        return {k: v.item() for k, v in losses.items()}
+    t = torch.stack([*(v.float() * counts for v in losses.values()), torch.tensor(float(counts), device=device)])
+    dist.all_reduce(t)
+    return {k: (t[i] / t[-1]).item() for i, k in enumerate(losses)}
+
+
+def to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device):
+    """Images and the targets' boxes and labels on `device` (RLE masks stay on the host)."""
+    for t in targets:
+        t["boxes"], t["labels"] = t["boxes"].to(device), t["labels"].to(device)
+    return [im.to(device, non_blocking=True) for im in images], targets
+
+
+def blank_input(device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """One 64 x 64 black image without objects: the input of a rank that has had no batch yet."""
+    image, target = to_model_inputs(np.zeros((64, 64, 3), np.uint8), [])
+    return to_device([image], [target], device)
 
 
 @dataclass
@@ -142,10 +209,3 @@ def predict_to_coco(
             if len(out.samples) < keep_images:
                 out.samples.append((image_id, image, target, p))
     return out
-
-
-def no_sync_join(model: torch.nn.Module):
-    """DDP's join() for uneven shard ends (each image once, no hang); a no-op without DDP."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.join()
-    return contextlib.nullcontext()

@@ -178,8 +178,8 @@ class IdleThrottle(ExecutionCallback):
 
 class ExactSplitDataConfig(DataConfig):
     """Shards every dataset with `streaming_split(equal=False)`: each image exactly once per
-    epoch across the workers. (Ray Train's default, `equal=True`, may drop rows to even the
-    shards; uneven shard ends are handled in the training loop with DDP's join.)"""
+    epoch across the workers, a faster worker taking more. (Ray Train's default, `equal=True`,
+    may drop rows to even the shards.) The ranks still step together: see `train_one_epoch`."""
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]

@@ -27,7 +27,7 @@ from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_side_by_side
 from workflows.allocator import reuse_large_blocks
 from workflows.compat import quiet_consoles
-from workflows.engine import EpochStats, Predictions, no_sync_join, predict_to_coco, train_one_epoch
+from workflows.engine import EpochStats, Predictions, Progress, predict_to_coco, train_one_epoch
 from workflows.registry import initial_weights
 from workflows.storage import local_file, read_bytes
 from workflows.tracking import RunLogger, metric_key
@@ -40,8 +40,9 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def lr_factor(step: int, total: int, opt: dict[str, Any]) -> float:
-    """Linear warmup from warmup_factor, then x gamma at each milestone (fractions of `total`)."""
+def lr_factor(step: float, total: int, opt: dict[str, Any]) -> float:
+    """Linear warmup from warmup_factor, then x gamma at each milestone (fractions of `total`).
+    `step`: planned steps done (images trained on / the global batch)."""
     factor = 1.0
     if step < opt["warmup_steps"]:
         alpha = step / max(1, opt["warmup_steps"])
@@ -75,8 +76,9 @@ class Worker:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    total_steps: int
+    total_steps: int  # planned: the schedule's length in steps of `total_batch` images
     total_batch: int
+    progress: Progress  # where the schedule is: the images all ranks have trained on
     mlflow: RunLogger | None  # rank 0 only
     run_id: str
 
@@ -104,13 +106,17 @@ def setup(config: dict[str, Any]) -> Worker:
     total_steps = steps_per_epoch * trainer_cfg["epochs"]
     if trainer_cfg["max_steps"]:
         total_steps = min(total_steps, trainer_cfg["max_steps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, opt_cfg))
+    progress = Progress(total_batch)
+    # Read at the images trained on, not at the optimizer steps: a dynamic split may deal a rank
+    # more than its share of an epoch, and then every rank makes more steps of fewer images each.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda _: lr_factor(progress.position, total_steps, opt_cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=trainer_cfg["amp"] and device.type == "cuda")
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if rank == 0:
         say(f"{world} worker(s), {torch.get_num_threads()} torch threads each")
     return Worker(cfg, CategoryMap.from_dict(config["label_map"]), rank, world, device, model, core, optimizer,
-                  scheduler, scaler, total_steps, total_batch, logger, config["run_id"])
+                  scheduler, scaler, total_steps, total_batch, progress, logger, config["run_id"])
 
 
 def start_from(model: torch.nn.Module, uri: str, tracking_uri: str, say_it: bool) -> None:
@@ -147,6 +153,7 @@ def resume(w: Worker, unrecorded: tuple[str, int] | None) -> tuple[int, int]:
     w.optimizer.load_state_dict(payload["optimizer"])
     w.scheduler.load_state_dict(payload["scheduler"])
     w.scaler.load_state_dict(payload["scaler"])
+    w.progress.images = payload.get("images_trained", payload["step"] * w.total_batch)
     if w.rank == 0:
         say(f"resumed from epoch {payload['epoch']} (step {payload['step']})")
         # Every resume is in the run: a rerun of the run name, or Ray Train's restart after a failure.
@@ -191,24 +198,25 @@ class StepLogger:
     def __init__(self, w: Worker, epoch: int, step: int, logged_until: int):
         self.w, self.epoch, self.logged_until = w, epoch, logged_until
         self.every = w.cfg["trainer"]["log_every_steps"]
-        self.t0, self.step0 = time.time(), step
+        self.t0, self.images0 = time.time(), w.progress.images
 
-    def __call__(self, step: int, losses: dict[str, torch.Tensor], stats: EpochStats) -> None:
+    def __call__(self, step: int, losses: dict[str, float], stats: EpochStats) -> None:
         if self.w.rank != 0 or step % self.every:
             return
-        rate = (step - self.step0) / max(time.time() - self.t0, 1e-6)
-        metrics = {k: v.item() for k, v in losses.items()}
+        images_per_s = (self.w.progress.images - self.images0) / max(time.time() - self.t0, 1e-6)
+        metrics = dict(losses)
         wait_share = stats.data_wait_s / max(stats.data_wait_s + stats.compute_s, 1e-9)
-        metrics.update(loss=sum(metrics.values()), lr=self.w.optimizer.param_groups[0]["lr"],
-                       images_per_s=rate * self.w.total_batch, data_wait_share=wait_share,
+        metrics.update(loss=sum(losses.values()), lr=self.w.optimizer.param_groups[0]["lr"],
+                       images_per_s=images_per_s, data_wait_share=wait_share,
                        step_s=(stats.data_wait_s + stats.compute_s) / stats.steps)
         if step > self.logged_until:
             self.w.mlflow.log_metrics(metrics, step)
-        eta = (self.w.total_steps - step) / max(rate, 1e-9)
+        planned, done = self.w.total_steps * self.w.total_batch, self.w.progress.images
+        eta = (planned - done) / max(images_per_s, 1e-9)
         parts = " ".join(f"{SHORT[k]} {metrics[k]:.3f}" for k in SHORT)
-        say(f"{time.strftime('%H:%M:%S')} epoch {self.epoch} step {step}/{self.w.total_steps} "
-            f"loss {metrics['loss']:.3f} ({parts}) lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s "
-            f"data wait {100 * wait_share:.0f}% ETA {eta / 60:.1f} min")
+        say(f"{time.strftime('%H:%M:%S')} epoch {self.epoch} step {step} ({100 * min(done / planned, 1):.0f}%) "
+            f"loss {metrics['loss']:.3f} ({parts}) lr {metrics['lr']:.2e} {images_per_s:.1f} img/s "
+            f"data wait {100 * wait_share:.0f}% ETA {max(eta, 0) / 60:.1f} min")
 
 
 def evaluate(w: Worker, val_shard, config: dict[str, Any], epoch: int) -> dict[str, float]:
@@ -250,15 +258,19 @@ def images_skipped(w: Worker, seen: int, expected: int) -> int | None:
 
 
 def save_and_report(w: Worker, metrics: dict[str, float], epoch: int, step: int, save: bool) -> None:
-    """Report this epoch's metrics to Ray Train, with a checkpoint from rank 0 when `save`."""
-    with tempfile.TemporaryDirectory() as tmp:
+    """Report this epoch's metrics to Ray Train, with a checkpoint from rank 0 when `save`. The
+    local copy is deleted once it is in storage, before `report` returns: Tune may kill a trial's
+    worker right after its last report, and a copy left to the `with` block's cleanup would stay
+    on the node's disk."""
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         ckpt = None
         if save and w.rank == 0:
             save_checkpoint(Path(tmp) / "checkpoint.pt", w.core, optimizer=w.optimizer.state_dict(),
                             scheduler=w.scheduler.state_dict(), scaler=w.scaler.state_dict(), epoch=epoch,
-                            step=step, label_map=w.labels.to_dict(), config=w.cfg)
+                            step=step, images_trained=w.progress.images, label_map=w.labels.to_dict(),
+                            config=w.cfg)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=True)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -275,11 +287,10 @@ def train_loop(config: dict[str, Any]) -> None:
             break
         batches = iter(train_shard.iter_batches(batch_size=trainer_cfg["batch_size"], batch_format="numpy",
                                                 local_shuffle_buffer_size=4 * trainer_cfg["batch_size"]))
-        with no_sync_join(w.model):
-            step, stats = train_one_epoch(
-                w.model, w.optimizer, w.scheduler, w.scaler, batches, w.device, step, max_steps,
-                amp=w.scaler.is_enabled(), grad_clip_norm=trainer_cfg["optimizer"]["grad_clip_norm"],
-                on_step=StepLogger(w, epoch, step, steps_logged))
+        step, stats = train_one_epoch(
+            w.model, w.optimizer, w.scheduler, w.scaler, batches, w.device, step, w.progress, max_steps,
+            amp=w.scaler.is_enabled(), grad_clip_norm=trainer_cfg["optimizer"]["grad_clip_norm"],
+            on_step=StepLogger(w, epoch, step, steps_logged))
         metrics: dict[str, float] = {"epoch": epoch, "epochs_completed": epoch + 1, "step": step}
         metrics.update({f"epoch_{k}": v for k, v in stats.mean_losses().items()})
         skipped = images_skipped(w, stats.images, config["num_train_images"])
