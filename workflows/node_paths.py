@@ -23,6 +23,8 @@ WHAT_TO_SET = {
     "infer.input": "an s3:// prefix or a folder every node mounts",
     "infer.output": "an s3:// prefix or a folder every node mounts",
 }
+MODEL_FILE = "a registered model (models:/NAME@ALIAS), an s3:// URI or a file on a mount every node shares"
+WHAT_TO_SET.update({"trainer.init_weights": MODEL_FILE, "infer.model": MODEL_FILE})
 
 
 def local_paths(cfg: dict[str, Any], kind: str, tracking_uri: str | None) -> dict[str, tuple[str, str, bool]]:
@@ -34,6 +36,12 @@ def local_paths(cfg: dict[str, Any], kind: str, tracking_uri: str | None) -> dic
         paths["data.root"] = (cfg["data"]["root"], cfg["data"]["root"], False)
     if tracking_uri and tracking_uri.startswith("sqlite:///"):
         paths["tracking.tracking_uri"] = (tracking_uri, str(Path(tracking_uri[len("sqlite:///"):]).parent), True)
+    # Model files the workers and predictors read: their folder must be the same on every node.
+    models = {"trainer.init_weights": cfg["trainer"]["init_weights"] if kind in ("train", "sweep") else None,
+              "infer.model": cfg.get("infer", {}).get("model") if kind == "infer" else None}
+    for key, value in models.items():
+        if value and ":/" not in value:  # not models:/, runs:/ nor s3://
+            paths[key] = (value, str(Path(value).resolve().parent), False)
     if kind == "infer":
         for key, written in (("input", False), ("output", True)):
             value = cfg["infer"][key]
