@@ -32,41 +32,44 @@ def submit(client, **job) -> str:
             time.sleep(2)
 
 
-def test_two_jobs_submitted_to_one_ray_head_at_once(gapped_shapes, tmp_path, monkeypatch):
+def test_two_jobs_submitted_to_one_ray_head_at_once_one_crashing(gapped_shapes, tmp_path, monkeypatch):
     """Same head, same output folder, same MLflow store, default run names, submitted in the
-    same second: each finishes in its own MLflow run and its own checkpoint folder."""
+    same second: each ends in its own MLflow run and its own checkpoint folder. One diverges
+    (lr 1e12): its job fails, and its run ends FAILED with the error as a tag; the other
+    finishes."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     ray.shutdown()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    db = tmp_path / "mlflow.db"
+    db = tmp_path / "mlflow.db"  # new: both jobs create it at once
     overrides = [f"output_dir={tmp_path / 'out'}", f"data.root={gapped_shapes}", "data.generate=null",
                  "model.transform.min_size=[64]", "model.transform.max_size=64", "trainer.batch_size=2",
                  "trainer.epochs=1", "trainer.max_steps=2", "trainer.log_every_steps=1",
-                 f"tracking.tracking_uri=sqlite:///{db}"]
-    with ray_head(num_cpus=4) as dashboard:
-        client = JobSubmissionClient(dashboard)
+                 "trainer.max_failures=0", f"tracking.tracking_uri=sqlite:///{db}"]
+    with ray_head(num_cpus=4) as head:
+        client = JobSubmissionClient(head.dashboard)
         jobs = [submit(
-            client, entrypoint=f"{BIN / 'mrcnn-train'} " + " ".join(f"'{o}'" for o in overrides),
+            client, entrypoint=f"{BIN / 'mrcnn-train'} " + " ".join(f"'{o}'" for o in [*overrides, *extra]),
             runtime_env={"working_dir": str(REPO),
                          "excludes": ["/.venv", "/.git", "/outputs", "/data", "/benchmarks/results", "*.db"]},
-        ) for _ in range(2)]
+        ) for extra in ([], ["trainer.optimizer.lr=1e12"])]
         deadline = time.time() + 600
         while not all(client.get_job_status(j).is_terminal() for j in jobs) and time.time() < deadline:
             time.sleep(3)
-        for job in jobs:
-            logs = client.get_job_logs(job)
-            assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
-            assert "open the MLflow UI" in logs
+        (good, bad), logs = jobs, [client.get_job_logs(j) for j in jobs]
+        assert client.get_job_status(good) == JobStatus.SUCCEEDED, logs[0][-3000:]
+        assert "open the MLflow UI" in logs[0]
+        assert client.get_job_status(bad) == JobStatus.FAILED and "loss is" in logs[1], logs[1][-3000:]
     mlflow = MlflowClient(f"sqlite:///{db}")
-    runs = mlflow.search_runs([mlflow.get_experiment_by_name("maskrcnn").experiment_id])
-    assert len(runs) == 2 and len({r.data.tags["ray_run_name"] for r in runs}) == 2
-    for r in runs:
-        assert r.info.status == "FINISHED"
-        assert sorted(m.step for m in mlflow.get_metric_history(r.info.run_id, "train/loss")) == [1, 2]
-        assert "val/segm_AP" in r.data.metrics
-        folder = tmp_path / "out" / "ray_results" / r.data.tags["ray_run_name"]
-        assert len([d for d in folder.glob("checkpoint_*") if d.is_dir()]) == 1
+    runs = {r.info.status: r for r in mlflow.search_runs([mlflow.get_experiment_by_name("maskrcnn").experiment_id])}
+    assert set(runs) == {"FINISHED", "FAILED"}
+    assert runs["FINISHED"].data.tags["ray_run_name"] != runs["FAILED"].data.tags["ray_run_name"]
+    assert "loss is" in runs["FAILED"].data.tags["error"], runs["FAILED"].data.tags
+    finished = runs["FINISHED"]
+    assert sorted(m.step for m in mlflow.get_metric_history(finished.info.run_id, "train/loss")) == [1, 2]
+    assert "val/segm_AP" in finished.data.metrics
+    folder = tmp_path / "out" / "ray_results" / finished.data.tags["ray_run_name"]
+    assert len([d for d in folder.glob("checkpoint_*") if d.is_dir()]) == 1
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")

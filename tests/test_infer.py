@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers.jobs import compose_job
 from helpers.s3server import s3_server, set_credentials, upload_folder
-from helpers.servers import kill_job, ray_temp_dir, remove_ray_temp_dir
+from helpers.servers import empty_mlflow_store, kill_job, ray_temp_dir, remove_ray_temp_dir
 from helpers.stores import make_store
 
 from mrcnn import build_model
@@ -40,7 +40,7 @@ def registered(tmp_path_factory, gapped_shapes):
     """A tiny model (ids 3, 7, 11) logged to a run and registered as shapes-infer@champion in
     a SQLite registry."""
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = f"sqlite:///{empty_mlflow_store(root / 'mlflow.db')}"
     cfg = compose_job(["model.transform.min_size=[64]", "model.transform.max_size=64", "model.num_classes=4"])
     torch.manual_seed(0)
     model = build_model(cfg["model"])
@@ -215,7 +215,8 @@ def test_safe_overlay_names_stay_inside_the_output():
 @pytest.mark.slow
 def test_killed_infer_job_reruns_to_exactly_one_row_per_input(registered, gapped_shapes, tmp_path):
     """SIGKILL the driver once rows are on disk, leave a half-written file as a crash would; the
-    same command completes with exactly one row per input, and a further rerun writes nothing."""
+    same command completes with exactly one row per input. (A rerun of a finished output writes
+    nothing: test_folder_store_every_file_one_row.)"""
     import ray
 
     ray.shutdown()
@@ -249,10 +250,6 @@ def test_killed_infer_job_reruns_to_exactly_one_row_per_input(registered, gapped
         rows = rows_of(out)
         assert len(rows) == 120 and len({r["path"] for r in rows}) == 120
         assert f"segmented {120 - len(partial)} images" in done.stdout
-        files = sorted(out.glob("*.parquet"))
-        again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-        assert again.returncode == 0 and "segmented 0 images" in again.stdout
-        assert sorted(out.glob("*.parquet")) == files
     finally:
         remove_ray_temp_dir(temp)
 

@@ -44,6 +44,23 @@ def test_the_run_ends_finished_failed_or_killed(tmp_path, capsys, error, status)
     assert run_id in printed and f"MLflow run {job.run_name}" in printed
 
 
+def test_sigterm_to_the_process_ends_the_run_killed(tmp_path):
+    """A real SIGTERM (what `ray job stop` and Kubernetes send) reaches the job's handler: the job
+    raises JobInterrupted, its run ends KILLED, and the process's own handler is back after."""
+    import os
+    import signal
+    import time
+
+    job = frame(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(JobInterrupted, match="SIGTERM"), job:
+        run_id = job.open_run("evaluate", {"split": "val"})
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here, in the main thread
+    assert MlflowClient(job.tracking_uri).get_run(run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_failure_before_the_run_opens_records_nothing(tmp_path):
     job = frame(tmp_path)
     with pytest.raises(ValueError, match="bad data"), job:

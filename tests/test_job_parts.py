@@ -1,7 +1,9 @@
-"""The small pure pieces the jobs are built from: LR schedule, sweep space, storage paths, metric
-keys, model URIs."""
+"""The pieces the jobs are built from: LR schedule, sweep space, storage paths, metric keys, model
+URIs, fine-tuning's starting point, DDP ranks stepping together."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -89,10 +91,12 @@ def test_bad_model_uris_say_what_is_expected(uri):
         ModelURI.parse(uri)
 
 
-def test_fine_tuning_carries_over_everything_but_the_class_predictors(tmp_path):
+def test_fine_tuning_carries_over_everything_but_the_class_predictors(tmp_path, monkeypatch):
     """`trainer.init_weights` from a registered model (or a training checkpoint) trained on 3
     categories into a model for 2: backbone, FPN, RPN and the heads' shared layers carry over
-    exactly; the class-dependent predictors keep their fresh initialisation."""
+    exactly; the class-dependent predictors keep their fresh initialisation. Logging the model
+    leaves the process's MLflow settings (and the environment subprocesses inherit) as they were."""
+    import mlflow
     import torch
     from helpers.jobs import compose_job
 
@@ -107,7 +111,13 @@ def test_fine_tuning_carries_over_everything_but_the_class_predictors(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = start_or_resume_run(uri, "maskrcnn", "parent", {})
     labels = {"category_ids": [3, 7, 11], "names": ["circle", "square", "triangle"]}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://the-users-server:5000")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     log_model(uri, run_id, {"model": parent.state_dict(), "model_config": parent.cfg.to_dict(), "label_map": labels})
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before == ("http://the-users-server:5000",) * 2
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://the-users-server:5000"
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
     register_model(mlflow_client(uri), run_id, "parent")
     save_checkpoint(tmp_path / "checkpoint.pt", parent, label_map=labels)
     want = parent.state_dict()
@@ -122,3 +132,48 @@ def test_fine_tuning_carries_over_everything_but_the_class_predictors(tmp_path):
         assert {k for k in got if got[k].shape != want[k].shape} == predictors
         for k, v in got.items():
             assert torch.equal(v, before[k] if k in predictors else want[k]), (source, k)
+
+
+def test_ddp_ranks_step_together_however_unevenly_an_epoch_is_dealt(tmp_path):
+    """A dynamic split may give one rank all of an epoch (here rank 1 nothing, then a share
+    twice rank 0's). The ranks still make the same steps: same parameters and optimizer state,
+    the LR schedule read at the images trained on by all ranks, no image counted twice."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+    from helpers.ddp import uneven_rank
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shares = [[3, 0], [1, 2]]  # batches of 2 images: (rank 0, rank 1) per epoch
+    mp.spawn(uneven_rank, args=(2, port, shares, str(tmp_path / "rank")), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank.{r}.pt") for r in (0, 1))
+    assert [e["step"] for e in a["epochs"]] == [e["step"] for e in b["epochs"]] == [3, 5]
+    assert [e["images"] for e in a["epochs"]] == [6, 2] and [e["images"] for e in b["epochs"]] == [0, 4]
+    assert [e["progress"] for e in a["epochs"]] == [e["progress"] for e in b["epochs"]] == [6, 12]
+    assert a["epochs"][-1]["loss"] == b["epochs"][-1]["loss"]  # averaged over the ranks' batches
+    # 12 images in steps of 4 planned: 3 planned steps, the schedule's drop, in 5 steps made.
+    assert a["lr"] == b["lr"] == pytest.approx(1e-5)
+    assert torch.equal(a["params"], b["params"]) and torch.equal(a["momentum"], b["momentum"])
+
+
+def test_model_files_given_as_local_paths_are_checked_on_every_node(tmp_path):
+    """On a cluster, a fine-tuning start or an infer model given as a local file is read by
+    workers on every node: its folder is among the paths the node check compares; registered
+    models and object-store URIs are not."""
+    from helpers.jobs import compose_job
+
+    from workflows.node_paths import local_paths
+
+    weights = tmp_path / "w" / "checkpoint.pt"
+    train = compose_job([f"output_dir={tmp_path}", f"trainer.init_weights={weights}"])
+    assert local_paths(train, "train", "http://server:5000")["trainer.init_weights"] == \
+        (str(weights), str(weights.parent), False)
+    for uri in ("models:/shapes@champion", "s3://bucket/run/checkpoint.pt", "runs:/abc/model"):
+        cfg = compose_job([f"output_dir={tmp_path}", f"trainer.init_weights={uri}", f"infer.model={uri}"])
+        assert not {"trainer.init_weights", "infer.model"} & set(local_paths(cfg, "train", None)), uri
+        assert "infer.model" not in local_paths(cfg, "infer", None), uri
+    infer = compose_job([f"output_dir={tmp_path}", f"infer.model={weights}"])
+    assert local_paths(infer, "infer", None)["infer.model"][1] == str(weights.parent)

@@ -3,6 +3,8 @@ real MLflow server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.jobs import compose_job
-from helpers.servers import kill_job, mlflow_server, ray_temp_dir, remove_ray_temp_dir
+from helpers.servers import mlflow_server, ray_head
 from mlflow.tracking import MlflowClient
 
 from mrcnn.checkpoint import load_weights_file
@@ -25,20 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.generate=null", "model.transform.min_size=[64]", "model.transform.max_size=64",
         "model.roi_heads.score_thresh=0.0", "trainer.batch_size=2", "trainer.log_every_steps=1",
         "trainer.max_failures=0", "trainer.optimizer.warmup_steps=2", "tracking.log_images=1"]
-
-
-@pytest.fixture(scope="module")
-def ray_tune_cluster():
-    """4 logical CPUs (two trials of one worker + one decode task each) and the State API,
-    which frees the placement groups of trials that ASHA stops."""
-    import ray
-
-    pythonpath = os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])
-    ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("override,message", [
@@ -57,34 +45,94 @@ def test_bad_sweep_space_fails_before_ray(override, message, gapped_shapes, tmp_
 
 
 @pytest.mark.slow
-def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster, gapped_shapes, tmp_path):
-    """Four trials, two at a time: lr 2e-3 learns, lr 1e-9 does not. ASHA (a rung at epoch 1)
-    stops a bad one early; the best trial becomes `candidate`, equal to its checkpoint."""
-    with mlflow_server(tmp_path / "mlflow") as url:
-        cfg = compose_job([
-            f"output_dir={tmp_path / 'out'}", f"data.root={gapped_shapes}", *TINY, f"tracking.tracking_uri={url}",
-            "tracking.registered_model=shapes-sweep", "sweep.name=lr", "~sweep.space.model",
-            "+sweep.space.trainer.optimizer.lr={grid:[2e-3,1e-9]}", "sweep.num_samples=2",
+def test_a_sweep_in_a_bucket_survives_its_driver_stops_bad_trials_registers_the_best_and_promotes(
+        gapped_shapes, tmp_path, monkeypatch):
+    """Four trials, two at a time on a Ray head: lr 2e-3 learns, lr 1e-9 does not. The sweep's
+    state and the trials' checkpoints live in a bucket (a local S3 server) reached through the AWS
+    environment alone, the tracking on an MLflow server. The driver is SIGKILLed once a trial has
+    checkpointed and a third has started; the same sweep, run again, resumes into the same parent
+    run and trains no finished trial again. ASHA (a rung at epoch 1) stops a bad one early; the
+    best trial becomes `candidate`, equal to its checkpoint; `promote` judges it."""
+    import ray
+    from helpers.s3server import CREDENTIALS, create_bucket, s3_server
+
+    from workflows.storage import join, list_files, local_file
+
+    ray.shutdown()
+    trials = "s3://runs/out/sweeps/lr/trials"
+
+    def checkpoints() -> dict[str, list[str]]:
+        """{trial folder: its checkpoint files, oldest first}, listed in the bucket."""
+        found: dict[str, list[str]] = {}
+        for f in list_files(trials):
+            trial, _, rest = f[len(trials) + 1:].partition("/")
+            found.setdefault(trial, [])
+            if rest.startswith("checkpoint_") and rest.endswith("/checkpoint.pt"):
+                found[trial].append(rest)
+        return {t: sorted(cs) for t, cs in found.items()}
+
+    with mlflow_server(tmp_path / "mlflow") as url, s3_server() as endpoint, contextlib.ExitStack() as stack:
+        create_bucket(endpoint, "runs")
+        for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)  # the head's processes, started next, have them too
+        head = stack.enter_context(ray_head(num_cpus=4))
+        overrides = [
+            "output_dir=s3://runs/out", f"data.root={gapped_shapes}", *TINY, f"tracking.tracking_uri={url}",
+            f"ray_address={head.address}", "tracking.registered_model=shapes-sweep", "sweep.name=lr",
+            "~sweep.space.model", "+sweep.space.trainer.optimizer.lr={grid:[2e-3,1e-9]}", "sweep.num_samples=2",
             "sweep.metric=epoch_loss_classifier", "sweep.mode=min", "sweep.max_concurrent_trials=2",
-            "sweep.scheduler.max_epochs=2", "sweep.scheduler.grace_period=1", "sweep.scheduler.reduction_factor=2"])
-        out = sweep.run(cfg)
+            "sweep.scheduler.max_epochs=2", "sweep.scheduler.grace_period=1", "sweep.scheduler.reduction_factor=2"]
+        # The jobs run as commands on the head (whose token authentication is off); this process
+        # keeps its own Ray settings for the local instances of the tests after it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+        env["RAY_AUTH_MODE"] = "disabled"
+        command = [str(Path(sys.executable).parent / "mrcnn-tune"), *overrides]
+        log = tmp_path / "first.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(command, cwd=tmp_path,
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                deadline = time.time() + 400
+                while time.time() < deadline and proc.poll() is None:
+                    at_kill = checkpoints()
+                    if len(at_kill) >= 3 and any(at_kill.values()):
+                        break
+                    time.sleep(0.5)
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert len(at_kill) >= 3, "the sweep did not reach its third trial in time"
+            finally:
+                os.killpg(proc.pid, 9)  # the driver: its trials end with it; the head stays
+                proc.wait()
+
+        again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "resuming sweep lr from s3://runs/out/sweeps/lr" in again.stdout
+        assert "registered shapes-sweep version None" not in again.stdout, again.stdout[-4000:]
+        # Nothing trained before the kill was trained again: each trial's checkpoints then are
+        # the first of its checkpoints now, and at least one trial had all of its own.
+        now = checkpoints()
+        assert all(now[t][:len(cs)] == cs for t, cs in at_kill.items()), (at_kill, now)
+        assert any(cs and now[t] == cs for t, cs in at_kill.items()), (at_kill, now)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("s3")]
+
         client = MlflowClient(url)
-        rows = out["rows"]
-        assert len(rows) == 4 and {r["trainer.optimizer.lr"] for r in rows} == {2e-3, 1e-9}
+        exp = client.get_experiment_by_name("maskrcnn").experiment_id
+        (parent,) = client.search_runs([exp], filter_string="tags.ray_run_name = 'lr'")
+        assert parent.data.tags["sweep"] == "lr" and "train/epoch_loss_classifier" in parent.data.metrics
+        artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+        assert {"trials.csv", "epoch_loss_classifier_vs_params.png", "config.yaml"} <= artifacts
+        table = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path)))
+        rows = [{**r, "trainer.optimizer.lr": float(r["trainer.optimizer.lr"]), "epochs": int(r["epochs"]),
+                 "started": float(r["started"]), "ended": float(r["ended"])}
+                for r in csv.DictReader(table.read_text().splitlines())]
+        assert len(rows) == 4 and {r["trainer.optimizer.lr"] for r in rows} == {2e-3, 1e-9}, rows
         statuses = [r["status"] for r in rows]
         assert "stopped early" in statuses, rows
         assert all(r["epochs"] < 2 for r in rows if r["status"] == "stopped early")
         assert all(s in ("completed", "stopped early") for s in statuses)
-        assert out["best"]["trainer.optimizer.lr"] == 2e-3
-
-        parent = client.get_run(out["parent_run_id"])
-        assert parent.data.tags["sweep"] == "lr" and "train/epoch_loss_classifier" in parent.data.metrics
-        artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
-        assert {"trials.csv", "epoch_loss_classifier_vs_params.png", "config.yaml"} <= artifacts
-        table = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))).read_text()
-        assert all(r["trial_id"] in table for r in rows)
-        children = client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        best = next(r for r in rows if f"best trial {r['trial_id']}:" in again.stdout)
+        assert best["trainer.optimizer.lr"] == 2e-3
+        children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert len(children) == 4
         by_trial = {c.data.tags["trial_id"]: c for c in children}
         for r in rows:
@@ -95,6 +143,10 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
             # A trial ASHA stops may finish the epoch it is in before it is killed: at most one
             # epoch more in MLflow than Tune recorded.
             assert logged == r["epochs"] if r["status"] == "completed" else r["epochs"] <= logged <= r["epochs"] + 1
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+            assert len(steps) == len(set(steps)), steps  # one loss value per step, resumed or not
+            # Each trial's model, read from its checkpoint in the bucket.
+            assert len(client.search_logged_models([exp], filter_string=f"source_run_id = '{child.info.run_id}'")) == 1
 
         # Two trials ran at once: their report times overlap.
         spans = sorted((r["started"], r["ended"]) for r in rows)
@@ -102,9 +154,10 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
 
         # The registered candidate is the best trial's model, and predicts as its checkpoint does.
         mv = client.get_model_version_by_alias("shapes-sweep", "candidate")
-        assert mv.run_id == by_trial[out["best"]["trial_id"]].info.run_id
+        assert mv.run_id == by_trial[best["trial_id"]].info.run_id
+        best_checkpoint = join(best["checkpoint"], "checkpoint.pt")
         registered = load_model("models:/shapes-sweep@candidate", url).model.eval()
-        checkpointed = load_model(str(Path(out["best"]["checkpoint"]) / "checkpoint.pt")).model.eval()
+        checkpointed = load_model(best_checkpoint).model.eval()
         from mrcnn.data.images import decode_image
 
         image = torch.from_numpy(decode_image((gapped_shapes / "val/000001.jpg").read_bytes())).permute(2, 0, 1)
@@ -120,7 +173,8 @@ def test_sweep_stops_bad_trials_registers_the_best_and_promotes(ray_tune_cluster
         # candidate does not replace that.
         judged = its_own_ground_truth(registered, gapped_shapes, tmp_path / "judged")
         eval_overrides = [f"output_dir={tmp_path / 'out'}", f"data.root={judged}", *TINY]
-        payload = load_weights_file(Path(out["best"]["checkpoint"]) / "checkpoint.pt")
+        with local_file(best_checkpoint) as path:
+            payload = load_weights_file(path)
         bias = payload["model"]["roi_heads.box_predictor.cls_score.bias"]
         bias[:] = -100.0
         bias[0] = 100.0
@@ -177,84 +231,3 @@ def registry_version(client, url: str, run_id: str, overrides: list[str]) -> str
     """`mrcnn-models register RUN_ID shapes-sweep`; returns the new version."""
     models_cli(["--tracking-uri", url, "register", run_id, "shapes-sweep", "--", *overrides])
     return str(client.get_model_version_by_alias("shapes-sweep", "candidate").version)
-
-
-@pytest.mark.slow
-def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(gapped_shapes, tmp_path, monkeypatch):
-    """SIGKILL the sweep's driver once its second trial has started; the same command finishes
-    the sweep into the same parent run, and the finished trial is not run again. The sweep's
-    state and the trials' checkpoints live in a bucket (a local S3 server), reached through the
-    AWS environment alone; the tracking store is the one local file."""
-    import ray
-    from helpers.s3server import CREDENTIALS, create_bucket, s3_server
-
-    from workflows.storage import list_files
-
-    ray.shutdown()
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    temp = ray_temp_dir("rt")  # the Ray instances of this test only (short: socket paths)
-    args = [str(Path(sys.executable).parent / "mrcnn-tune"), "output_dir=s3://runs/out", f"data.root={gapped_shapes}",
-            *TINY, f"tracking.tracking_uri={db}", "sweep.name=resume", "~sweep.space.model",
-            "+sweep.space.trainer.optimizer.lr={grid:[1e-3,2e-3]}", "sweep.scheduler.max_epochs=1",
-            "sweep.scheduler.grace_period=1", "sweep.max_concurrent_trials=1"]
-    trials = "s3://runs/out/sweeps/resume/trials"
-
-    def checkpoints() -> dict[str, list[str]]:
-        """{trial folder: its checkpoint files}, listed in the bucket."""
-        found: dict[str, list[str]] = {}
-        for f in list_files(trials):
-            trial, _, rest = f[len(trials) + 1:].partition("/")
-            found.setdefault(trial, [])
-            if rest.startswith("checkpoint_") and rest.endswith("/checkpoint.pt"):
-                found[trial].append(rest)
-        return found
-
-    with s3_server() as endpoint:
-        create_bucket(endpoint, "runs")
-        aws = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
-        env.update(RAY_TMPDIR=str(temp), PYTHONPATH=str(REPO), **aws)
-        for key, value in aws.items():  # for list_files here
-            monkeypatch.setenv(key, value)
-        log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            deadline = time.time() + 400
-            # The first trial finished (its one epoch checkpointed) and the second has started: kill.
-            while time.time() < deadline and proc.poll() is None:
-                found = checkpoints()
-                done = [t for t, cs in found.items() if cs]
-                started = [t for t in found if t not in done]
-                if done and started:
-                    break
-                time.sleep(0.5)
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert done and started, "the sweep did not reach its second trial in time"
-            first_trial, first_checkpoints = done[0], found[done[0]]
-            kill_job(proc, str(temp))
-        finally:
-            log.close()
-            remove_ray_temp_dir(temp)
-
-        try:
-            second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        finally:
-            remove_ray_temp_dir(temp)
-        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-        assert "resuming sweep resume from s3://runs/out/sweeps/resume" in second.stdout + second.stderr
-        # The finished trial was not trained again: the same checkpoints.
-        assert checkpoints()[first_trial] == first_checkpoints
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith("s3")]
-    client = MlflowClient(db)
-    exp = client.get_experiment_by_name("maskrcnn")
-    parents = client.search_runs([exp.experiment_id], filter_string="tags.ray_run_name = 'resume'")
-    assert len(parents) == 1
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-    assert len(children) == 2 and all(c.data.tags["sweep.status"] == "completed" for c in children)
-    assert all(len(client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{c.info.run_id}'"))
-               == 1 for c in children)  # each trial's model, read from its checkpoint in the bucket
-    for c in children:  # one loss value per step
-        steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
-        assert len(steps) == len(set(steps)) and max(steps) == 4, steps

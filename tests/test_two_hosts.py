@@ -26,34 +26,42 @@ TINY = ["data.generate=null", "model.transform.min_size=[64]", "model.transform.
         "trainer.torch_threads=1", "tracking.log_images=1"]
 
 
-def submit_and_wait(client, command: str, overrides: list[str], env_vars: dict[str, str], timeout: float = 600):
-    """`ray job submit` of a console script; returns (status, logs)."""
-    from ray.job_submission import JobStatus
-
+def submit(client, command: str, overrides: list[str], env_vars: dict[str, str]) -> str:
+    """`ray job submit` of a console script; returns the job's id."""
     entrypoint = f"{BIN / command} " + " ".join(f"'{o}'" for o in overrides)
     deadline = time.time() + 120
     while True:  # a head that just started may have no job agent yet
         try:
-            job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env_vars})
-            break
+            return client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env_vars})
         except RuntimeError as e:
             if "No available agent" not in str(e) or time.time() > deadline:
                 raise
             time.sleep(2)
+
+
+def wait(client, job: str, timeout: float = 600):
+    """The job's end: (its status, its logs)."""
     deadline = time.time() + timeout
     while not client.get_job_status(job).is_terminal():
         assert time.time() < deadline, client.get_job_logs(job)[-3000:]
         time.sleep(2)
-    status = client.get_job_status(job)
-    return status == JobStatus.SUCCEEDED, client.get_job_logs(job)
+    return client.get_job_status(job), client.get_job_logs(job)
 
 
-def test_two_hosts_train_resume_and_segment_through_a_bucket(tmp_path, monkeypatch):
-    from ray.job_submission import JobSubmissionClient
+def submit_and_wait(client, command: str, overrides: list[str], env_vars: dict[str, str], timeout: float = 600):
+    """(whether it succeeded, its logs)."""
+    from ray.job_submission import JobStatus
+
+    status, logs = wait(client, submit(client, command, overrides, env_vars), timeout)
+    return status == JobStatus.SUCCEEDED, logs
+
+
+def test_two_hosts_train_lose_a_host_resume_segment_and_sweep_through_a_bucket(tmp_path, monkeypatch):
+    from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors, list_nodes
 
     from mrcnn.data.shapes import write_shapes_dataset
-    from workflows.storage import list_files, read_bytes
+    from workflows.storage import exists, list_files, read_bytes, remove
 
     shapes = write_shapes_dataset(tmp_path / "shapes", train=8, val=4, size=64, seed=1)
     with two_hosts() as (bridge, a, b), s3_server(bridge) as endpoint, \
@@ -70,11 +78,12 @@ def test_two_hosts_train_resume_and_segment_through_a_bucket(tmp_path, monkeypat
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING"))}
         env["RAY_AUTH_MODE"] = "disabled"
         a.start(f"{BIN / 'ray'} start --head --node-ip-address {a.address} --port 6379 --dashboard-host 0.0.0.0 "
-                "--dashboard-port 8265 --num-cpus 2 --disable-usage-stats --block", env, str(tmp_path / "a.log"))
+                "--dashboard-port 8265 --num-cpus 3 --disable-usage-stats --block", env, str(tmp_path / "a.log"))
         dashboard = f"http://{a.address}:8265"
         wait_http(f"{dashboard}/api/version", timeout=180)
-        b.start(f"{BIN / 'ray'} start --address {a.address}:6379 --node-ip-address {b.address} --num-cpus 2 "
-                "--disable-usage-stats --block", env, str(tmp_path / "b.log"))
+        join_b = (f"{BIN / 'ray'} start --address {a.address}:6379 --node-ip-address {b.address} --num-cpus 3 "
+                  "--disable-usage-stats --block")
+        b.start(join_b, env, str(tmp_path / "b.log"))
         deadline = time.time() + 120
         while len([n for n in list_nodes(address=dashboard) if n.state == "ALIVE"]) < 2:
             assert time.time() < deadline, (tmp_path / "b.log").read_text()[-3000:]
@@ -82,34 +91,74 @@ def test_two_hosts_train_resume_and_segment_through_a_bucket(tmp_path, monkeypat
         client = JobSubmissionClient(dashboard)
         common = ["output_dir=s3://runs/out", f"tracking.tracking_uri={tracking}"]
 
-        # Training with one worker on each host; checkpoints into the bucket.
-        train = [*common, "data.root=s3://data/shapes", *TINY, "trainer.epochs=2", "trainer.num_workers=2",
-                 "trainer.cpus_per_worker=1", "trainer.placement_strategy=STRICT_SPREAD",
-                 "tracking.registered_model=two-hosts", "run_name=two-hosts"]
-        ok, logs = submit_and_wait(client, "mrcnn-train", train, job_env)
-        assert ok, logs[-3000:]
+        # Training with one worker on each host, checkpoints into the bucket. Once Ray Train has
+        # recorded a checkpoint and a step after it is logged, host B goes away (every process of
+        # it killed) and comes back with a fresh disk: the job recovers from the bucket's checkpoint.
+        train = [*common, "data.root=s3://data/shapes", *TINY, "trainer.epochs=6", "trainer.num_workers=2",
+                 "trainer.cpus_per_worker=1", "trainer.placement_strategy=STRICT_SPREAD", "trainer.max_failures=3",
+                 "trainer.eval_every_epochs=6", "tracking.registered_model=two-hosts", "run_name=two-hosts"]
+        folder = "s3://runs/out/ray_results/two-hosts"
+        snapshot = f"{folder}/checkpoint_manager_snapshot.json"
         mlflow = MlflowClient(tracking)
+        job = submit(client, "mrcnn-train", train, job_env)
+
+        def history(key: str) -> list[int]:
+            """The steps of `key` in the run's history."""
+            found = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()],
+                                       filter_string="tags.ray_run_name = 'two-hosts'")
+            return sorted(m.step for m in mlflow.get_metric_history(found[0].info.run_id, key)) if found else []
+
+        deadline = time.time() + 500
+        while True:  # an epoch's checkpoint (saved every epoch) recorded, and a step after it logged
+            assert time.time() < deadline and not client.get_job_status(job).is_terminal(), \
+                client.get_job_logs(job)[-3000:]
+            epochs = history("train/epochs_completed")
+            recorded = exists(snapshot) and b"checkpoint_" in read_bytes(snapshot)
+            if epochs and recorded and history("train/loss")[-1] > epochs[-1]:
+                break
+            time.sleep(0.5)
+        b.stop()
+        b.start(join_b, env, str(tmp_path / "b.log"))
+
+        # Once the job has recovered ("resumed from epoch" from the restarted workers) and Ray
+        # Train has recorded a checkpoint since: `ray job stop`. The job ends STOPPED, its run KILLED.
+        recorded_then = None
+        while recorded_then is None or read_bytes(snapshot) == recorded_then:
+            assert time.time() < deadline and not client.get_job_status(job).is_terminal(), \
+                client.get_job_logs(job)[-3000:]
+            if recorded_then is None and "resumed from epoch" in client.get_job_logs(job):
+                recorded_then = read_bytes(snapshot)
+            time.sleep(0.5)
+        client.stop_job(job)
+        status, logs = wait(client, job)
+        assert status == JobStatus.STOPPED and "MLflow run two-hosts (KILLED)" in logs, logs[-3000:]
         exp = mlflow.get_experiment_by_name("maskrcnn").experiment_id
         (run,) = mlflow.search_runs([exp], filter_string="tags.ray_run_name = 'two-hosts'")
+        assert run.info.status == "KILLED"
+
+        # The same command again resumes into the same run from the newest checkpoint in the
+        # bucket, also without Ray Train's record of it (removed here, as when a driver killed
+        # outright dies between a worker writing a checkpoint and Ray Train recording it).
+        newest = sorted(f for f in list_files(folder) if f.endswith("/checkpoint.pt"))[-1]
+        remove(snapshot)
+        ok, logs = submit_and_wait(client, "mrcnn-train", train, job_env)
+        assert ok and f"{newest} is newer than any checkpoint Ray Train recorded" in logs, logs[-3000:]
+        assert "resumed from epoch" in logs
+        (run,) = mlflow.search_runs([exp], filter_string="tags.ray_run_name = 'two-hosts'")
+        assert run.info.status == "FINISHED" and "val/segm_AP" in run.data.metrics
         nodes = run.data.tags["ray.worker_nodes"].split(",")
         assert len(nodes) == 2 and len(set(nodes)) == 2
-        assert "val/segm_AP" in run.data.metrics and run.info.status == "FINISHED"
-        steps = sorted(m.step for m in mlflow.get_metric_history(run.info.run_id, "train/loss"))
-        # Every image once an epoch across the two workers, and every step logged once. (The
-        # split is dynamic, `equal=False`: a worker may take more than half of an epoch.)
+        steps = history("train/loss")
+        # Every image once an epoch across the two workers, and every step logged once, none
+        # twice after the recovery or the resume. (The split is dynamic, `equal=False`: a worker
+        # may take more than half of an epoch, and both ranks then make as many steps as it.)
         assert run.data.metrics["train/images_skipped"] == 0
-        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4, steps
-        stored = list_files("s3://runs/out/ray_results/two-hosts")
-        assert any(f.endswith("/checkpoint.pt") for f in stored), stored
-
-        # The same command again: resumed from the bucket, nothing trained twice.
-        ok, logs = submit_and_wait(client, "mrcnn-train", train, job_env)
-        assert ok and "resumed from epoch 1" in logs, logs[-3000:]
-        assert sorted(m.step for m in mlflow.get_metric_history(run.info.run_id, "train/loss")) == steps
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 12, steps
+        assert len(mlflow.get_metric_history(run.info.run_id, "train/epochs_completed")) == 6
 
         # Segmenting from the bucket into the bucket, one predictor on each host.
         infer = [*common, "infer.input=s3://data/shapes/val", "infer.output=s3://runs/rows",
-                 "infer.model=models:/two-hosts@candidate", "infer.concurrency=2", "infer.cpus_per_actor=1.5",
+                 "infer.model=models:/two-hosts@candidate", "infer.concurrency=2", "infer.cpus_per_actor=2",
                  "infer.batch_size=2", "infer.rows_per_file=2", "infer.overlays=0", "infer.torch_threads=1"]
         ok, logs = submit_and_wait(client, "mrcnn-infer", infer, aws)
         assert ok and "segmented 4 images" in logs, logs[-3000:]
@@ -119,15 +168,43 @@ def test_two_hosts_train_resume_and_segment_through_a_bucket(tmp_path, monkeypat
         paths = [p for f in list_files("s3://runs/rows", suffixes=(".parquet",))
                  for p in pq.read_table(io.BytesIO(read_bytes(f))).column("path").to_pylist()]
         assert sorted(paths) == sorted(f"s3://data/shapes/val/{p.name}" for p in (shapes / "val").glob("*.jpg"))
+        # The same command again: every image is already in the bucket's rows, nothing is written.
+        written = sorted(list_files("s3://runs/rows"))
+        ok, logs = submit_and_wait(client, "mrcnn-infer", infer, aws)
+        assert ok and "4 already in s3://runs/rows, 0 to segment" in logs, logs[-3000:]
+        assert sorted(list_files("s3://runs/rows")) == written
+
+        # A sweep whose two trials run at once, one on each host (a trial's worker takes 2 of a
+        # host's 3 CPUs); the best trial registered.
+        tune_overrides = [
+            *common, "data.root=s3://data/shapes", *TINY, "trainer.num_workers=1", "trainer.cpus_per_worker=2",
+            "sweep.name=hosts", "~sweep.space.model", "+sweep.space.trainer.optimizer.lr={grid:[2e-3,1e-9]}",
+            "sweep.num_samples=1", "sweep.metric=epoch_loss_classifier", "sweep.mode=min",
+            "sweep.max_concurrent_trials=2", "sweep.scheduler.max_epochs=1", "sweep.scheduler.grace_period=1",
+            "tracking.registered_model=two-hosts-sweep"]
+        ok, logs = submit_and_wait(client, "mrcnn-tune", tune_overrides, job_env)
+        assert ok and "registered two-hosts-sweep version 1 (alias candidate)" in logs, logs[-3000:]
+        (sweep_run,) = mlflow.search_runs([exp], filter_string="tags.ray_run_name = 'hosts'")
+        trials = mlflow.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{sweep_run.info.run_id}'")
+        assert len(trials) == 2 and len({t.data.tags["ray.worker_nodes"] for t in trials}) == 2, \
+            [t.data.tags for t in trials]
+        candidate = mlflow.get_model_version_by_alias("two-hosts-sweep", "candidate")
+        (best,) = [t for t in trials if t.data.tags["trial_id"] == sweep_run.data.tags["best_trial"]]
+        assert candidate.run_id == best.info.run_id
+        assert list_files("s3://runs/out/sweeps/hosts/trials", suffixes=(".pt",))
 
         # Neither host's disk holds checkpoints, rows or tracking files.
         for host in (a, b):
             found = host.run("find /tmp -name checkpoint.pt -o -name '*.parquet' -o -name 'mlflow.db'", env)
             assert found.returncode == 0 and found.stdout.strip() == "", (host.name, found.stdout, found.stderr)
 
-        # A local output folder (and the SQLite store in it) on this cluster: refused before any work.
+        # A local output folder (and the SQLite store in it), and weights to start from that only
+        # host A has, on this cluster: refused before any work.
+        assert a.run("mkdir /tmp/start && touch /tmp/start/checkpoint.pt", env).returncode == 0
         ok, logs = submit_and_wait(client, "mrcnn-train", ["output_dir=/tmp/local-out", "data.root=s3://data/shapes",
-                                                            *TINY, "run_name=local"], aws)
+                                                            *TINY, "run_name=local",
+                                                            "trainer.init_weights=/tmp/start/checkpoint.pt"], aws)
         assert not ok
         assert "output_dir=/tmp/local-out is a local path that node(s)" in logs, logs[-3000:]
         assert "tracking.tracking_uri=sqlite:////tmp/local-out/mlflow.db is a local path" in logs
+        assert "trainer.init_weights=/tmp/start/checkpoint.pt is a local path that node(s)" in logs

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from helpers.servers import empty_mlflow_store
 from workflows.config import CONF_DIR, register_configs, to_container
 
 register_configs()
@@ -16,7 +18,12 @@ def compose_job(overrides: list[str]) -> dict:
         return to_container(compose(config_name="config", overrides=overrides))
 
 
-def tiny(out: Path, root: Path, *extra: str) -> dict:
+def tiny(out: Path | str, root: Path, *extra: str) -> dict:
+    """A job on 64-pixel images, 2 a batch, logging every step. Its default SQLite store (when
+    `out` is a writable folder) starts as a copy of an empty one (`empty_mlflow_store`)."""
+    if not str(out).startswith("s3://"):
+        with contextlib.suppress(OSError):  # an unwritable output_dir is some tests' subject
+            empty_mlflow_store(Path(out) / "mlflow.db")
     return compose_job([
         f"output_dir={out}", f"data.root={root}", "data.generate=null",
         "model.transform.min_size=[64]", "model.transform.max_size=64",

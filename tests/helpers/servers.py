@@ -14,6 +14,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 BIN = Path(sys.executable).parent
 
@@ -35,6 +36,28 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer in {timeout}s")
 
 
+_TEMPLATE_STORE: list[Path] = []
+
+
+def empty_mlflow_store(db: Path) -> Path:
+    """An empty MLflow SQLite store at `db`, copied from one made once per test session (MLflow
+    migrates a new store's schema, seconds each time here); an existing file is left alone.
+    Returns `db`."""
+    if not _TEMPLATE_STORE:
+        import atexit
+
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="mlflow-template-"))
+        atexit.register(shutil.rmtree, folder, True)
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+        _TEMPLATE_STORE.append(folder / "mlflow.db")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    if not db.exists():
+        shutil.copyfile(_TEMPLATE_STORE[0], db)
+    return db
+
+
 @contextmanager
 def mlflow_server(root: Path, port: int | None = None, backend: str | None = None, host: str = "127.0.0.1"):
     """`mlflow server` on `host` with a SQLite store (under `root`, or `backend`) and local
@@ -42,6 +65,8 @@ def mlflow_server(root: Path, port: int | None = None, backend: str | None = Non
     went away."""
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
+    if backend is None:
+        empty_mlflow_store(root / "mlflow.db")
     log = open(root / "server.log", "wb")  # noqa: SIM115 - outlives this statement, closed below
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", host, "--port", str(port),
@@ -60,7 +85,8 @@ def mlflow_server(root: Path, port: int | None = None, backend: str | None = Non
 
 @contextmanager
 def ray_head(num_cpus: int = 3):
-    """`ray start --head` on 127.0.0.1 with the dashboard (job API); yields the dashboard URL."""
+    """`ray start --head` on 127.0.0.1 with the dashboard (job API); yields its `dashboard` URL
+    and its GCS `address` (what `ray_address` or `ray.init` take)."""
     port, dash, agent, agent_grpc, client_port = (free_port() for _ in range(5))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
@@ -76,7 +102,7 @@ def ray_head(num_cpus: int = 3):
     url = f"http://127.0.0.1:{dash}"
     try:
         wait_http(f"{url}/api/version", timeout=90)
-        yield url
+        yield SimpleNamespace(dashboard=url, address=f"127.0.0.1:{port}")
     finally:
         # This head's processes only, not every Ray on the machine.
         kill_processes_mentioning(tmp, str(port), str(client_port))
