@@ -44,6 +44,53 @@ def test_bad_sweep_space_fails_before_ray(override, message, gapped_shapes, tmp_
     assert not ray.is_initialized()
 
 
+def reports_per_epoch(config):
+    """A trial that reports `loss` for two epochs and checkpoints each (as ours do)."""
+    import json
+    import tempfile
+
+    from ray import tune
+
+    start = 0
+    if tune.get_checkpoint():
+        with tune.get_checkpoint().as_directory() as d:
+            start = json.loads((Path(d) / "epoch.json").read_text())
+    for epoch in range(start + 1, 3):
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "epoch.json").write_text(json.dumps(epoch))
+            tune.report({sweep.TIME_ATTR: epoch, "loss": config["loss"]}, checkpoint=tune.Checkpoint(d))
+
+
+def test_a_resumed_sweep_keeps_the_rungs_its_earlier_trials_set(ray_local, tmp_path):
+    """One trial at a time: loss 1 (good), then loss 5. The driver is interrupted once the first
+    trial has finished, and the sweep restored: the second trial reaches the rung (epoch 1 of
+    2) first in the new driver. With the earlier trial's reports replayed it is stopped early;
+    Tune's own ASHA, whose rungs start empty again, runs it to the end."""
+    import signal
+
+    from ray import tune
+    from ray.tune import Callback
+    from ray.tune.schedulers import ASHAScheduler
+
+    class InterruptAfterTheFirstTrial(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if trial.config["loss"] == 1.0:
+                os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends the run, its state saved
+
+    epochs = {}
+    for scheduler in (sweep.ResumableASHA, ASHAScheduler):
+        path = tmp_path / scheduler.__name__
+        tune.Tuner(
+            reports_per_epoch, param_space={"loss": tune.grid_search([1.0, 5.0])},
+            tune_config=tune.TuneConfig(metric="loss", mode="min", max_concurrent_trials=1, scheduler=scheduler(
+                time_attr=sweep.TIME_ATTR, max_t=2, grace_period=1, reduction_factor=2)),
+            run_config=tune.RunConfig(name=path.name, storage_path=str(tmp_path),
+                                      callbacks=[InterruptAfterTheFirstTrial()], verbose=0)).fit()
+        resumed = tune.Tuner.restore(str(path), trainable=reports_per_epoch, resume_unfinished=True).fit()
+        epochs[path.name] = {r.config["loss"]: r.metrics[sweep.TIME_ATTR] for r in resumed}
+    assert epochs == {"ResumableASHA": {1.0: 2, 5.0: 1}, "AsyncHyperBandScheduler": {1.0: 2, 5.0: 2}}, epochs
+
+
 @pytest.mark.slow
 def test_a_sweep_in_a_bucket_survives_its_driver_stops_bad_trials_registers_the_best_and_promotes(
         gapped_shapes, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import posixpath
 import tempfile
 from pathlib import Path
@@ -38,6 +39,36 @@ TIME_ATTR = "epochs_completed"
 # against its own workers on a small machine. A bundle must not be empty, so it asks for a
 # token of memory, which every node has.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 16 * 2**20}
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA that knows, in a resumed sweep, what the earlier driver's trials reported. Tune
+    restores the trials of a killed driver but starts the scheduler afresh: its rungs would be
+    empty, and a bad trial reaching a rung first after the restart would run to the end. Each
+    restored trial's reports (its `result.json`, else its last result) are replayed into its
+    bracket as they came, so the rungs are those the sweep had set."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        bracket = self._trial_info[trial.trial_id]
+        for result in earlier_reports(trial):
+            if self._time_attr in result and self._metric in result:
+                bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+
+
+def earlier_reports(trial) -> list[dict[str, Any]]:
+    """The results a restored trial had reported, oldest first ([] for a new trial)."""
+    last = trial.run_metadata.last_result
+    if TIME_ATTR not in last:
+        return []
+    try:
+        with trial.storage.storage_filesystem.open_input_stream(posixpath.join(trial.path, "result.json")) as f:
+            reports = [json.loads(line) for line in f.readall().decode().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        reports = []
+    if not reports or reports[-1].get(TIME_ATTR, -1) < last[TIME_ATTR]:  # the file lagged behind
+        reports.append(last)
+    return reports
 
 
 def tune_domain(spec: dict[str, Any]):
@@ -174,7 +205,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                        storage_filesystem=fs)
         else:
-            scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max_epochs,
+            scheduler = ResumableASHA(time_attr=TIME_ATTR, max_t=max_epochs,
                                       grace_period=sweep_cfg["scheduler"]["grace_period"],
                                       reduction_factor=sweep_cfg["scheduler"]["reduction_factor"])
             tuner = tune.Tuner(
