@@ -6,6 +6,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py and helpers
+from helpers.processes import become_subreaper  # noqa: E402
+
+# Whatever a test starts stays among this process's descendants, to be stopped by PID.
+become_subreaper()
 # Every test runs as a cautious deployment would: MLflow may never unpickle a model (ours are
 # state dicts + JSON). Set before any Ray worker starts, so workers inherit it.
 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"

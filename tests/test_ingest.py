@@ -137,6 +137,15 @@ def _wide_rows(batch):
     return {"x": np.repeat(np.asarray(batch["id"])[:, None], 50_000, axis=1).astype(np.float32)}  # 200 KB
 
 
+def _cmdline(proc) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:  # it ended meanwhile
+        return []
+
+
 def _cpu_seconds(proc) -> float:
     t = proc.cpu_times()
     return t.user + t.system
@@ -160,9 +169,10 @@ def test_split_rests_while_its_consumer_is_slow(ray_local):
     batches = iter(shard.iter_batches(batch_size=4))
     try:
         next(batches)
-        coordinators = [p for p in psutil.process_iter(["cmdline", "create_time"])
-                        if (p.info["cmdline"] or [""])[0].startswith("ray::SplitCoordinator")]
-        coordinator = max(coordinators, key=lambda p: p.info["create_time"])
+        # Among this process's own (its Ray instance's workers), the newest coordinator.
+        coordinators = [p for p in psutil.Process().children(recursive=True)
+                        if (_cmdline(p) or [""])[0].startswith("ray::SplitCoordinator")]
+        coordinator = max(coordinators, key=lambda p: p.create_time())
         for _ in range(30):  # past the start, until the budget is full and the tasks pause
             next(batches)
             time.sleep(0.1)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from helpers.browser import CHROMIUM, capture, ui_pages
 from helpers.notebooks import outputs, run_notebook, stdout
-from helpers.servers import mlflow_server, ray_temp_dir, remove_ray_temp_dir
+from helpers.processes import stopped_after
+from helpers.servers import mlflow_server, ray_temp_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -81,14 +82,14 @@ def guide(tmp_path_factory):
     try:
         for block in runnable_blocks((REPO / "README.md").read_text()):
             script = on_tiny_settings(block)
-            done = subprocess.run(["bash", "-ec", script], cwd=cwd, env=env, capture_output=True, text=True,
-                                  timeout=900)
+            with stopped_after():  # anything a block's Ray instance left running
+                done = subprocess.run(["bash", "-ec", script], cwd=cwd, env=env, capture_output=True, text=True,
+                                      timeout=900)
             runs.append((script, done))
             if done.returncode:
                 break
         yield {"cwd": cwd, "runs": runs, "uri": f"sqlite:///{cwd / 'outputs/mlflow.db'}"}
     finally:
-        remove_ray_temp_dir(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 

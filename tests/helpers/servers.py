@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -15,6 +13,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+
+from helpers.processes import kill, stopped_after, tree
 
 BIN = Path(sys.executable).parent
 
@@ -85,86 +85,43 @@ def mlflow_server(root: Path, port: int | None = None, backend: str | None = Non
 
 @contextmanager
 def ray_head(num_cpus: int = 3):
-    """`ray start --head` on 127.0.0.1 with the dashboard (job API); yields its `dashboard` URL
-    and its GCS `address` (what `ray_address` or `ray.init` take)."""
+    """`ray start --head --block` on 127.0.0.1 with the dashboard (job API); yields its
+    `dashboard` URL and its GCS `address` (what `ray_address` or `ray.init` take). On exit the
+    head's processes and whatever was started meanwhile (the jobs' drivers and workers) stop."""
     port, dash, agent, agent_grpc, client_port = (free_port() for _ in range(5))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    started = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", str(num_cpus),
-         # Ports of its own: a head of another test must never meet this one's agents.
-         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-         "--ray-client-server-port", str(client_port),
-         "--disable-usage-stats", "--temp-dir", tmp], env=env, capture_output=True, text=True)
-    if started.returncode:
-        raise RuntimeError(f"ray start failed:\n{started.stdout}\n{started.stderr}")
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        wait_http(f"{url}/api/version", timeout=90)
-        yield SimpleNamespace(dashboard=url, address=f"127.0.0.1:{port}")
-    finally:
-        # This head's processes only, not every Ray on the machine.
-        kill_processes_mentioning(tmp, str(port), str(client_port))
-        shutil.rmtree(tmp, ignore_errors=True)
+    with stopped_after(), open(Path(tmp) / "head.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", str(num_cpus),
+             # Ports of its own: a head of another test must never meet this one's agents.
+             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+             "--ray-client-server-port", str(client_port),
+             "--disable-usage-stats", "--temp-dir", tmp], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        url = f"http://127.0.0.1:{dash}"
+        try:
+            wait_http(f"{url}/api/version", timeout=90)
+        except Exception as e:
+            raise RuntimeError(f"ray start failed:\n{(Path(tmp) / 'head.log').read_text()[-3000:]}") from e
+        try:
+            yield SimpleNamespace(dashboard=url, address=f"127.0.0.1:{port}")
+        finally:
+            kill(tree(proc.pid))
+            proc.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
-def kill_job(proc: subprocess.Popen, temp: str, timeout: float = 20) -> None:
-    """SIGKILL a job's driver, started with `start_new_session=True`, and every Ray process it
-    started, as a crash of the machine's job would. Ray workers rename their command lines
-    (`ray::Predictor`), so they are found as the driver's descendants, collected before the kill:
-    a survivor could still write output after the test has looked at it."""
-    import psutil
-
-    tree = []
-    with contextlib.suppress(psutil.Error):
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, 9)
-    for p in tree:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+def kill_job(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGKILL a job's driver, started with `start_new_session=True`, and every process it
+    started, as a crash of the machine's job would. The tree is collected before the kill: a
+    survivor could still write output after the test has looked at it."""
+    kill(tree(proc.pid), timeout)
     proc.wait()
-    psutil.wait_procs(tree, timeout=timeout)
-    kill_processes_mentioning(temp, timeout=timeout)
 
 
 def ray_temp_dir(prefix: str) -> Path:
     """A new short folder for a job's own Ray instances (`RAY_TMPDIR`): Ray's socket paths must
-    fit 107 bytes. `remove_ray_temp_dir` ends what ran there."""
+    fit 107 bytes."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def remove_ray_temp_dir(temp: Path) -> None:
-    """Kill the processes of the Ray instances that ran in `temp`, and remove it."""
-    kill_processes_mentioning(str(temp))
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-def _mentions(arg: str, text: str) -> bool:
-    """`arg` names `text` exactly: the path itself or a path under it (`/tmp/rk12` does not name
-    `/tmp/rk123`), alone or after `=` (`--temp-dir=/tmp/rk12`), or a port at the end of an
-    address or option (`:6379`, `=6379`, not `:63790`)."""
-    if text.isdigit():
-        return re.search(rf"(^|[:=]){text}$", arg) is not None
-    return re.search(rf"(^|=){re.escape(text)}(/|$)", arg) is not None
-
-
-def kill_processes_mentioning(*texts: str, timeout: float = 20) -> int:
-    """SIGKILL every process one of whose arguments names one of `texts` exactly (a test's own
-    temp folder, its head's ports; see `_mentions`), and their descendants: Ray's agents rename
-    their command lines (`ray::DashboardAgent`) and would hold their ports for the next test.
-    Returns how many."""
-    import psutil
-
-    me = os.getpid()
-    victims = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.info["pid"] != me and any(_mentions(part, t) for t in texts for part in (p.info["cmdline"] or [])):
-            victims[p.pid] = p
-            with contextlib.suppress(psutil.Error):
-                victims.update({c.pid: c for c in p.children(recursive=True)})
-    for p in victims.values():
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(list(victims.values()), timeout=timeout)
-    return len(victims)
