@@ -56,3 +56,13 @@ def quiet_ray_process() -> None:
     quiet_consoles("ray.data", "ray.train", "")
     for handler in logging.getLogger("ray.data").handlers:  # Ray Data warns when its bars are off
         handler.addFilter(lambda record: not record.getMessage().startswith("Progress bars"))
+
+
+def asha_record(scheduler: Any, trial: Any, result: dict[str, Any]) -> None:
+    """Record `result` in the rungs of `trial`'s ASHA bracket as its report would have been,
+    without acting on the decision (`AsyncHyperBandScheduler._trial_info`, `_time_attr`,
+    `_metric`, `_metric_op` and `_Bracket.on_result`, private): a resumed sweep's scheduler
+    learns what its trials reported before the restart."""
+    if scheduler._time_attr in result and scheduler._metric in result:
+        scheduler._trial_info[trial.trial_id].on_result(
+            trial, result[scheduler._time_attr], scheduler._metric_op * result[scheduler._metric])

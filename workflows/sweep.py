@@ -27,6 +27,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from mrcnn.checkpoint import load_weights_file
+from workflows.compat import asha_record
 from workflows.config import flatten_space, set_path, training_params
 from workflows.job import Job, new_run_name
 from workflows.registry import DEFAULT_MODEL_NAME, log_model, register_model, run_model_id
@@ -50,10 +51,8 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        bracket = self._trial_info[trial.trial_id]
         for result in earlier_reports(trial):
-            if self._time_attr in result and self._metric in result:
-                bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+            asha_record(self, trial, result)
 
 
 def earlier_reports(trial) -> list[dict[str, Any]]:

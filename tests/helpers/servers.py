@@ -91,26 +91,26 @@ def ray_head(num_cpus: int = 3):
     port, dash, agent, agent_grpc, client_port = (free_port() for _ in range(5))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    with stopped_after(), open(Path(tmp) / "head.log", "wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", str(num_cpus),
-             # Ports of its own: a head of another test must never meet this one's agents.
-             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-             "--ray-client-server-port", str(client_port),
-             "--disable-usage-stats", "--temp-dir", tmp], env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        url = f"http://127.0.0.1:{dash}"
-        try:
-            wait_http(f"{url}/api/version", timeout=90)
-        except Exception as e:
-            raise RuntimeError(f"ray start failed:\n{(Path(tmp) / 'head.log').read_text()[-3000:]}") from e
-        try:
+    try:
+        with stopped_after(), open(Path(tmp) / "head.log", "wb") as log:
+            proc = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+                 str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus",
+                 str(num_cpus),
+                 # Ports of its own: a head of another test must never meet this one's agents.
+                 "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+                 "--ray-client-server-port", str(client_port),
+                 "--disable-usage-stats", "--temp-dir", tmp], env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+            url = f"http://127.0.0.1:{dash}"
+            try:
+                wait_http(f"{url}/api/version", timeout=90)
+            except Exception as e:
+                raise RuntimeError(f"ray start failed:\n{(Path(tmp) / 'head.log').read_text()[-3000:]}") from e
             yield SimpleNamespace(dashboard=url, address=f"127.0.0.1:{port}")
-        finally:
-            kill(tree(proc.pid))
-            proc.wait()
-    shutil.rmtree(tmp, ignore_errors=True)
+        proc.wait()  # killed and reaped on leaving `stopped_after`
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def kill_job(proc: subprocess.Popen, timeout: float = 20) -> None:
