@@ -11,8 +11,10 @@ import random
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def can_make_hosts() -> str | None:
@@ -85,6 +87,10 @@ class Host:
 def two_hosts():
     """Yields (bridge address, host A, host B) on a /24 of 10.x.0.0 drawn at random; on exit,
     the hosts' processes (by the PIDs their namespaces list), the namespaces and the bridge go."""
+    for path in (sys.prefix, str(Path(__file__).resolve().parents[2])):
+        if Path(path).resolve().is_relative_to("/tmp"):
+            raise RuntimeError(f"{path} is under /tmp, which each host replaces with a /tmp of its own: the hosts "
+                               "could not run the project's code; clone and install it outside /tmp")
     tag = secrets.token_hex(2)
     net = f"10.{random.randint(100, 250)}.{random.randint(0, 250)}"
     bridge = f"mrbr{tag}"
