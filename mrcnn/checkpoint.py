@@ -11,7 +11,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -109,10 +109,14 @@ def matching_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
-    """Save weights + the model config (+ plain extras: optimizer state, step, label map...)."""
+def save_checkpoint(path: str | os.PathLike | BinaryIO, model: nn.Module, **extra: Any) -> None:
+    """Save weights + the model config (+ plain extras: optimizer state, step, label map...) to a
+    file path, written beside it and renamed, or to a writable stream (whose owner makes it whole)."""
     module = getattr(model, "module", model)  # unwrap DDP
     payload = {"model": module.state_dict(), "model_config": module.cfg.to_dict(), **extra}
+    if not isinstance(path, (str, os.PathLike)):
+        torch.save(payload, path)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -4,6 +4,9 @@ nothing but the standard AWS environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from mrcnn.checkpoint import save_checkpoint
 from workflows.ingest import ensure_shapes, load_split
 from workflows.job import Job
 from workflows.registry import load_model
-from workflows.storage import exists, list_files, read_bytes, write_bytes
+from workflows.storage import exists, filesystem, list_files, read_bytes, whole_file, write_bytes
 from workflows.trainer import newest_complete_checkpoint
 
 
@@ -97,3 +100,30 @@ def test_the_embedded_dataset_is_generated_into_the_bucket(aws_env):
     ensure_shapes(data)  # complete: not written again
     assert read_bytes("s3://runs/demo/data/shapes/.complete") == stamp
     assert os.environ["AWS_ENDPOINT_URL"] == aws_env
+
+
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_a_checkpoint_is_written_whole_or_not_at_all(aws_env, tmp_path, where):
+    """How a worker writes its checkpoint straight into the run's storage: a write that fails
+    part-way, or a writer killed part-way, leaves no file at the checkpoint's path."""
+    uri = str(tmp_path / "run") if where == "folder" else f"s3://runs/whole-{os.getpid()}"
+    fs, root = filesystem(uri)
+    with whole_file(fs, f"{root}/checkpoint_1/checkpoint.pt") as f:
+        torch.save({"model": {}, "step": 3}, f)
+    with pytest.raises(RuntimeError, match="half-way"), whole_file(fs, f"{root}/checkpoint_2/checkpoint.pt") as f:
+        f.write(b"\0" * (8 << 20))
+        raise RuntimeError("half-way")
+    # Killed after 12 MiB were handed over (the bucket has had parts of them), before the end.
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from workflows.storage import filesystem, whole_file\n"
+         f"fs, root = filesystem({uri!r})\n"
+         "with whole_file(fs, root + '/checkpoint_3/checkpoint.pt') as f:\n"
+         "    f.write(b'\\0' * (12 << 20)); f.flush(); print('written', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert writer.stdout.readline() == "written\n"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert [f.rsplit("/", 2)[-2:] for f in list_files(uri, suffixes=(".pt",))] == [["checkpoint_1", "checkpoint.pt"]]
+    assert newest_complete_checkpoint(uri) == (f"{uri}/checkpoint_1/checkpoint.pt", 3)

@@ -66,3 +66,12 @@ def asha_record(scheduler: Any, trial: Any, result: dict[str, Any]) -> None:
     if scheduler._time_attr in result and scheduler._metric in result:
         scheduler._trial_info[trial.trial_id].on_result(
             trial, result[scheduler._time_attr], scheduler._metric_op * result[scheduler._metric])
+
+
+def checkpoint_destination() -> tuple[Any, str, str]:
+    """(storage filesystem, folder, folder name) where Ray Train keeps this run's next checkpoint,
+    for a worker that writes it there itself and reports it with `CheckpointUploadMode.NO_UPLOAD`
+    (`get_storage()` is a DeveloperAPI, its StorageContext internal)."""
+    storage = ray.train.get_context().get_storage()
+    name = storage.make_default_checkpoint_dir_name()
+    return storage.storage_filesystem, storage.build_checkpoint_path_from_name(name), name

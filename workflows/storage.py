@@ -131,6 +131,26 @@ def write_bytes(uri: str, data: bytes, s3: dict[str, Any] | None = None) -> None
         f.write(data)
 
 
+@contextlib.contextmanager
+def whole_file(fs: pafs.FileSystem, path: str) -> Iterator[Any]:
+    """A stream that writes `path` on `fs` whole or not at all. A local file is written beside it
+    and renamed; an object appears only when its upload completes, so a writer killed part-way
+    leaves none; a write that fails part-way removes what it wrote."""
+    local = fs.type_name == "local"
+    target = f"{path}.part" if local else path
+    if local:
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+    try:
+        with fs.open_output_stream(target) as f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(target)
+        raise
+    if local:
+        fs.move(target, path)
+
+
 def remove(uri: str, s3: dict[str, Any] | None = None) -> None:
     fs, path = filesystem(uri, s3)
     fs.delete_file(path)

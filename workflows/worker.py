@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,10 @@ from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_side_by_side
 from workflows.allocator import reuse_large_blocks
-from workflows.compat import quiet_consoles
+from workflows.compat import checkpoint_destination, quiet_consoles
 from workflows.engine import EpochStats, Predictions, Progress, predict_to_coco, train_one_epoch
 from workflows.registry import initial_weights
-from workflows.storage import local_file, read_bytes
+from workflows.storage import local_file, read_bytes, whole_file
 from workflows.tracking import RunLogger, metric_key
 
 
@@ -258,19 +257,20 @@ def images_skipped(w: Worker, seen: int, expected: int) -> int | None:
 
 
 def save_and_report(w: Worker, metrics: dict[str, float], epoch: int, step: int, save: bool) -> None:
-    """Report this epoch's metrics to Ray Train, with a checkpoint from rank 0 when `save`. The
-    local copy is deleted once it is in storage, before `report` returns: Tune may kill a trial's
-    worker right after its last report, and a copy left to the `with` block's cleanup would stay
-    on the node's disk."""
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-        ckpt = None
-        if save and w.rank == 0:
-            save_checkpoint(Path(tmp) / "checkpoint.pt", w.core, optimizer=w.optimizer.state_dict(),
-                            scheduler=w.scheduler.state_dict(), scaler=w.scaler.state_dict(), epoch=epoch,
-                            step=step, images_trained=w.progress.images, label_map=w.labels.to_dict(),
-                            config=w.cfg)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=True)
+    """Report this epoch's metrics to Ray Train, with a checkpoint from rank 0 when `save`. Rank 0
+    writes it straight into the run's storage (bucket or folder) and Ray Train records it where it
+    lies: nothing is staged on the node's disk, where a job stopped or a trial ended during a save
+    would leave it."""
+    if not (save and w.rank == 0):
+        ray.train.report(metrics)
+        return
+    fs, folder, name = checkpoint_destination()
+    with whole_file(fs, f"{folder}/checkpoint.pt") as f:
+        save_checkpoint(f, w.core, optimizer=w.optimizer.state_dict(), scheduler=w.scheduler.state_dict(),
+                        scaler=w.scaler.state_dict(), epoch=epoch, step=step, images_trained=w.progress.images,
+                        label_map=w.labels.to_dict(), config=w.cfg)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint(folder, filesystem=fs), checkpoint_dir_name=name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
 def train_loop(config: dict[str, Any]) -> None:
