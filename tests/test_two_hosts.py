@@ -5,14 +5,17 @@ submit` and the bucket's credentials in the job's runtime environment."""
 
 from __future__ import annotations
 
+import csv
 import io
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers.hosts import can_make_hosts, two_hosts
 from helpers.s3server import CREDENTIALS, create_bucket, s3_server, upload_folder
 from helpers.servers import mlflow_server, wait_http
@@ -60,7 +63,9 @@ def test_two_hosts_train_lose_a_host_resume_segment_and_sweep_through_a_bucket(t
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors, list_nodes
 
+    from mrcnn.data.images import decode_image
     from mrcnn.data.shapes import write_shapes_dataset
+    from workflows.registry import load_model
     from workflows.storage import exists, list_files, read_bytes, remove
 
     shapes = write_shapes_dataset(tmp_path / "shapes", train=8, val=4, size=64, seed=1)
@@ -174,24 +179,87 @@ def test_two_hosts_train_lose_a_host_resume_segment_and_sweep_through_a_bucket(t
         assert ok and "4 already in s3://runs/rows, 0 to segment" in logs, logs[-3000:]
         assert sorted(list_files("s3://runs/rows")) == written
 
-        # A sweep whose two trials run at once, one on each host (a trial's worker takes 2 of a
-        # host's 3 CPUs); the best trial registered.
-        tune_overrides = [
-            *common, "data.root=s3://data/shapes", *TINY, "trainer.num_workers=1", "trainer.cpus_per_worker=2",
-            "sweep.name=hosts", "~sweep.space.model", "+sweep.space.trainer.optimizer.lr={grid:[2e-3,1e-9]}",
-            "sweep.num_samples=1", "sweep.metric=epoch_loss_classifier", "sweep.mode=min",
-            "sweep.max_concurrent_trials=2", "sweep.scheduler.max_epochs=1", "sweep.scheduler.grace_period=1",
-            "tracking.registered_model=two-hosts-sweep"]
-        ok, logs = submit_and_wait(client, "mrcnn-tune", tune_overrides, job_env)
-        assert ok and "registered two-hosts-sweep version 1 (alias candidate)" in logs, logs[-3000:]
-        (sweep_run,) = mlflow.search_runs([exp], filter_string="tags.ray_run_name = 'hosts'")
-        trials = mlflow.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{sweep_run.info.run_id}'")
-        assert len(trials) == 2 and len({t.data.tags["ray.worker_nodes"] for t in trials}) == 2, \
-            [t.data.tags for t in trials]
-        candidate = mlflow.get_model_version_by_alias("two-hosts-sweep", "candidate")
-        (best,) = [t for t in trials if t.data.tags["trial_id"] == sweep_run.data.tags["best_trial"]]
-        assert candidate.run_id == best.info.run_id
-        assert list_files("s3://runs/out/sweeps/hosts/trials", suffixes=(".pt",))
+        # A sweep of three trials, two at a time, one on each host (a trial's worker takes 2 of a
+        # host's 3 CPUs): lr 2e-3 learns, 1e-9 and 1e-8 do not. Its driver is killed (SIGKILL) once
+        # a trial has checkpointed and the third has started; the same command again resumes it
+        # into the same parent run and trains no finished trial again. ASHA (a rung at epoch 1)
+        # stops the third early: the first two set its rung (before the kill, or replayed after).
+        tune = [*common, "data.root=s3://data/shapes", *TINY, "trainer.num_workers=1", "trainer.cpus_per_worker=2",
+                "model.roi_heads.score_thresh=0.0", "sweep.name=hosts", "~sweep.space.model",
+                "+sweep.space.trainer.optimizer.lr={grid:[2e-3,1e-9,1e-8]}", "sweep.num_samples=1",
+                "sweep.metric=epoch_loss_classifier", "sweep.mode=min", "sweep.max_concurrent_trials=2",
+                "sweep.scheduler.max_epochs=2", "sweep.scheduler.grace_period=1",
+                "sweep.scheduler.reduction_factor=2", "tracking.registered_model=two-hosts-sweep"]
+        trials_folder = "s3://runs/out/sweeps/hosts/trials"
+
+        def checkpoints() -> dict[str, list[str]]:
+            """{trial folder: its checkpoint files, oldest first}, listed in the bucket."""
+            found: dict[str, list[str]] = {}
+            for f in list_files(trials_folder):
+                trial, _, rest = f[len(trials_folder) + 1:].partition("/")
+                found.setdefault(trial, [])
+                if rest.startswith("checkpoint_") and rest.endswith("/checkpoint.pt"):
+                    found[trial].append(rest)
+            return {t: sorted(cs) for t, cs in found.items()}
+
+        job = submit(client, "mrcnn-tune", tune, job_env)
+        deadline = time.time() + 400
+        while True:
+            assert time.time() < deadline and not client.get_job_status(job).is_terminal(), \
+                client.get_job_logs(job)[-3000:]
+            at_kill = checkpoints()
+            if len(at_kill) >= 3 and any(at_kill.values()):
+                break
+            time.sleep(0.5)
+        os.kill(int(client.get_job_info(job).driver_info.pid), signal.SIGKILL)  # its trials end with it
+        assert wait(client, job)[0] == JobStatus.FAILED
+        ok, logs = submit_and_wait(client, "mrcnn-tune", tune, job_env)
+        assert ok and "resuming sweep hosts from s3://runs/out/sweeps/hosts" in logs, logs[-3000:]
+        assert "registered two-hosts-sweep version 1 (alias candidate)" in logs, logs[-3000:]
+        now = checkpoints()  # nothing trained before the kill was trained again
+        assert all(now[t][:len(cs)] == cs for t, cs in at_kill.items()), (at_kill, now)
+        assert any(cs and now[t] == cs for t, cs in at_kill.items()), (at_kill, now)
+
+        (parent,) = mlflow.search_runs([exp], filter_string="tags.ray_run_name = 'hosts'")
+        assert parent.data.tags["sweep"] == "hosts" and "train/epoch_loss_classifier" in parent.data.metrics
+        assert {"trials.csv", "epoch_loss_classifier_vs_params.png", "config.yaml"} <= \
+            {f.path for f in mlflow.list_artifacts(parent.info.run_id)}
+        table = Path(mlflow.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path)))
+        rows = [{**r, "lr": float(r["trainer.optimizer.lr"]), "epochs": int(r["epochs"]),
+                 "started": float(r["started"]), "ended": float(r["ended"])}
+                for r in csv.DictReader(table.read_text().splitlines())]
+        assert sorted(r["lr"] for r in rows) == [1e-9, 1e-8, 2e-3], rows
+        assert "stopped early" in [r["status"] for r in rows], rows
+        assert all(r["status"] == "completed" or (r["status"] == "stopped early" and r["epochs"] < 2) for r in rows)
+        spans = sorted((r["started"], r["ended"]) for r in rows)  # two trials ran at once
+        assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+        best = next(r for r in rows if f"best trial {r['trial_id']}:" in logs)
+        assert best["lr"] == 2e-3
+        trials = {t.data.tags["trial_id"]: t for t in mlflow.search_runs(
+            [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+        assert len(trials) == 3 and len({t.data.tags["ray.worker_nodes"] for t in trials.values()}) == 2, \
+            [t.data.tags for t in trials.values()]
+        for r in rows:
+            trial = trials[r["trial_id"]]
+            assert trial.data.tags["sweep.status"] == r["status"]
+            logged = len(mlflow.get_metric_history(trial.info.run_id, "train/epoch_loss_classifier"))
+            # A trial ASHA stops may finish the epoch it is in: at most one more than Tune recorded.
+            assert logged == r["epochs"] if r["status"] == "completed" else r["epochs"] <= logged <= r["epochs"] + 1
+            steps = [m.step for m in mlflow.get_metric_history(trial.info.run_id, "train/loss")]
+            assert len(steps) == len(set(steps)), steps  # one loss value per step, resumed or not
+            assert len(mlflow.search_logged_models([exp], filter_string=f"source_run_id = '{trial.info.run_id}'")) == 1
+
+        # The registered candidate is the best trial's model, and predicts as its checkpoint does.
+        assert mlflow.get_model_version_by_alias("two-hosts-sweep", "candidate").run_id == \
+            trials[best["trial_id"]].info.run_id
+        registered = load_model("models:/two-hosts-sweep@candidate", tracking).model.eval()
+        checkpointed = load_model(f"{best['checkpoint']}/checkpoint.pt").model.eval()
+        image = torch.from_numpy(decode_image((shapes / "val/000001.jpg").read_bytes())).permute(2, 0, 1) / 255
+        with torch.no_grad():
+            a_out, b_out = registered([image.float()])[0], checkpointed([image.float()])[0]
+        assert len(a_out["scores"]) > 0
+        for k in ("boxes", "scores", "labels", "masks"):
+            assert torch.equal(a_out[k], b_out[k])
 
         # Neither host's disk holds checkpoints, rows or tracking files.
         for host in (a, b):

@@ -7,7 +7,6 @@ inside a job.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any
 
@@ -34,28 +33,6 @@ def execution_options(config: DataConfig, dataset_name: str) -> Any:
     """The ExecutionOptions Ray Train's DataConfig gives a dataset (its private resolver): a
     DataConfig subclass that shards differently keeps Ray Train's resource limits."""
     return config._resolve_execution_options(dataset_name)
-
-
-def quiet_consoles(*logger_names: str) -> None:
-    """Raise the console handlers of these loggers ("" for the root) to WARNING; their file
-    handlers keep every line. Ray configures its own loggers with a console handler beside a
-    session-log file handler (Ray Data on import, Ray Train in each worker), so the level is set
-    on the handler, not on the logger."""
-    for name in logger_names:
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setLevel(logging.WARNING)
-
-
-def quiet_ray_process() -> None:
-    """In a Ray worker process: Ray Data's and Ray Train's routine INFO lines and the
-    deprecation warning Ray Train's own dataset manager raises stay out of the console."""
-    warnings.filterwarnings("ignore", message=".*exclude_resources.*")
-    import ray.data  # noqa: F401 - configures Ray Data's loggers, whose console is then raised
-
-    quiet_consoles("ray.data", "ray.train", "")
-    for handler in logging.getLogger("ray.data").handlers:  # Ray Data warns when its bars are off
-        handler.addFilter(lambda record: not record.getMessage().startswith("Progress bars"))
 
 
 def asha_record(scheduler: Any, trial: Any, result: dict[str, Any]) -> None:

@@ -32,8 +32,8 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from workflows.compat import quiet_consoles, quiet_ray_process
 from workflows.config import validate
+from workflows.consoles import quiet_consoles
 from workflows.node_paths import check_nodes_share_paths
 from workflows.storage import absolute, check_writable, is_s3, join, write_bytes
 from workflows.tracking import (
@@ -57,11 +57,6 @@ def new_run_name(prefix: str) -> str:
 
 class JobInterrupted(KeyboardInterrupt):
     """SIGTERM (`ray job stop`, a scheduler's kill) raised in the job's main thread."""
-
-
-def quiet_ray_worker() -> None:
-    """Ray worker processes' setup hook: their routine INFO lines stay in their log files."""
-    quiet_ray_process()
 
 
 class Job:
@@ -145,7 +140,7 @@ class Job:
                 os.environ.setdefault("RAY_worker_niceness", "0")
                 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
                 if not self.cfg["verbose"]:
-                    kwargs["runtime_env"] = {"worker_process_setup_hook": "workflows.job.quiet_ray_worker"}
+                    kwargs["runtime_env"] = {"worker_process_setup_hook": "workflows.consoles.quiet_ray_worker"}
             ray.init(address=address, log_to_driver=True,
                      logging_level=logging.INFO if self.cfg["verbose"] else logging.WARNING, **kwargs)
         if not self.cfg["verbose"]:

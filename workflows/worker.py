@@ -25,7 +25,8 @@ from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_side_by_side
 from workflows.allocator import reuse_large_blocks
-from workflows.compat import checkpoint_destination, quiet_consoles
+from workflows.compat import checkpoint_destination
+from workflows.consoles import quiet_consoles
 from workflows.engine import EpochStats, Predictions, Progress, predict_to_coco, train_one_epoch
 from workflows.registry import initial_weights
 from workflows.storage import local_file, read_bytes, whole_file
