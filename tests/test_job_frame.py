@@ -42,6 +42,10 @@ def test_the_run_ends_finished_failed_or_killed(tmp_path, capsys, error, status)
         assert "error" not in run.data.tags
     printed = capsys.readouterr().out
     assert run_id in printed and f"MLflow run {job.run_name}" in printed
+    # The log holds what the console showed, and the console is itself again.
+    assert f"MLflow run {job.run_name}" in job.log_file.read_text()
+    print("after the job")
+    assert "after the job" not in job.log_file.read_text()
 
 
 def test_sigterm_to_the_process_ends_the_run_killed(tmp_path):

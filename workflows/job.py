@@ -9,16 +9,18 @@
     # link to it in the MLflow UI printed
 
 Console and log file: the job's own lines (steps, evaluations, the data report, warnings that
-need the user, the summary) go to the console; everything logged in the driver also goes to
-`output_dir/logs/JOB-TIME.log`, and Ray's routine output (Ray Train's checkpoint and report
+need the user, the summary) go to the console; `output_dir/logs/JOB-TIME.log` holds what the
+console showed and everything logged in the driver, and Ray's routine output (Ray Train's checkpoint and report
 lines, Ray Data's execution plans) stays in Ray's session logs
 (`/tmp/ray/session_latest/logs`) unless `verbose=true`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -59,6 +61,30 @@ class JobInterrupted(KeyboardInterrupt):
     """SIGTERM (`ray job stop`, a scheduler's kill) raised in the job's main thread."""
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class Tee:
+    """A console stream whose text also goes to the job's log, colours stripped: the log holds
+    what the console showed, the lines Ray forwards from the workers included."""
+
+    def __init__(self, stream: Any, log_copy: Any):
+        self.stream, self.log_copy = stream, log_copy
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        with contextlib.suppress(ValueError, OSError):  # a closed log or a full disk: the console goes on
+            self.log_copy.write(ANSI.sub("", text))
+            self.log_copy.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding...: the console's
+        return getattr(self.stream, name)
+
+
 class Job:
     """One job's set-up and end; see the module docstring. `job.cfg` is the prepared config."""
 
@@ -70,6 +96,8 @@ class Job:
         self.log_file: Path | None = None  # local; uploaded to `log_uri` at the end when that differs
         self.log_uri: str | None = None
         self._handlers: list[logging.Handler] = []
+        self._log_copy: Any = None  # the log's file, copied into from stdout and stderr
+        self._consoles: tuple[Any, Any] = (None, None)
         self._levels: dict[str, int] = {}
         self._sigterm = None
 
@@ -85,8 +113,12 @@ class Job:
             if cfg["infer"][key]:
                 cfg["infer"][key] = absolute(cfg["infer"][key])
         self._setup_logging()
-        self.tracking_uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
-        check_tracking_server(self.tracking_uri)
+        try:
+            self.tracking_uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
+            check_tracking_server(self.tracking_uri)
+        except BaseException:
+            self.__exit__(*sys.exc_info())  # the log keeps the error; the console is the console again
+            raise
         if threading.current_thread() is threading.main_thread():
             self._sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
@@ -116,6 +148,9 @@ class Job:
             self._handlers.append(console)
         for h in self._handlers:
             root.addHandler(h)
+        self._log_copy = open(self.log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+        self._consoles = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(sys.stdout, self._log_copy), Tee(sys.stderr, self._log_copy)
         if not self.cfg["verbose"]:  # MLflow's own console: "Creating initial MLflow database tables..."
             quiet_consoles("mlflow")
         self._levels[""] = root.level
@@ -185,6 +220,10 @@ class Job:
             for h in self._handlers:
                 root.removeHandler(h)
                 h.close()
+            if self._log_copy is not None:
+                if isinstance(sys.stdout, Tee) and sys.stdout.log_copy is self._log_copy:
+                    sys.stdout, sys.stderr = self._consoles
+                self._log_copy.close()
             root.setLevel(self._levels.get("", logging.WARNING))
             self._upload_log()
         return False
