@@ -17,7 +17,6 @@ from workflows.cli import models as models_cli
 from workflows.registry import log_model
 from workflows.tracking import start_or_resume_run
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.generate=null", "model.transform.min_size=[64]", "model.transform.max_size=64",
         "model.roi_heads.score_thresh=0.0", "trainer.batch_size=2", "trainer.log_every_steps=1",
         "trainer.max_failures=0", "trainer.optimizer.warmup_steps=2", "tracking.log_images=1"]

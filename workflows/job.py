@@ -10,8 +10,8 @@
 
 Console and log file: the job's own lines (steps, evaluations, the data report, warnings that
 need the user, the summary) go to the console; `output_dir/logs/JOB-TIME.log` holds what the
-console showed and everything logged in the driver, and Ray's routine output (Ray Train's checkpoint and report
-lines, Ray Data's execution plans) stays in Ray's session logs
+console showed and everything logged in the driver; Ray's routine output (Ray Train's
+checkpoint and report lines, Ray Data's execution plans) stays in Ray's session logs
 (`/tmp/ray/session_latest/logs`) unless `verbose=true`.
 """
 
@@ -175,7 +175,7 @@ class Job:
                 os.environ.setdefault("RAY_worker_niceness", "0")
                 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
                 if not self.cfg["verbose"]:
-                    kwargs["runtime_env"] = {"worker_process_setup_hook": "workflows.consoles.quiet_ray_worker"}
+                    kwargs["runtime_env"] = {"worker_process_setup_hook": "workflows.consoles.quiet_ray_process"}
             ray.init(address=address, log_to_driver=True,
                      logging_level=logging.INFO if self.cfg["verbose"] else logging.WARNING, **kwargs)
         if not self.cfg["verbose"]:
