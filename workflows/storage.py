@@ -125,9 +125,7 @@ def exists(uri: str, s3: dict[str, Any] | None = None) -> str | None:
 
 def write_bytes(uri: str, data: bytes, s3: dict[str, Any] | None = None) -> None:
     fs, path = filesystem(uri, s3)
-    if not is_s3(uri):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open_output_stream(path) as f:
+    with whole_file(fs, path) as f:
         f.write(data)
 
 
