@@ -37,19 +37,18 @@ import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.helpers
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import matmul_gflops  # noqa: E402
-from helpers.jobs import compose_job  # noqa: E402
-from helpers.memory import ProcessMemory, slope_per_1000, status_kib  # noqa: E402
 
 from mrcnn import build_model  # noqa: E402
 from mrcnn.checkpoint import save_checkpoint  # noqa: E402
 from mrcnn.data.images import decode_image  # noqa: E402
 from mrcnn.data.shapes import write_shapes_dataset  # noqa: E402
 from mrcnn.segment import predict_images  # noqa: E402
-from workflows import infer  # noqa: E402
-from workflows.engine import set_detection_limits  # noqa: E402
+from tests.helpers.jobs import compose_job  # noqa: E402
+from tests.helpers.memory import ProcessMemory, slope_per_1000, status_kib  # noqa: E402
+from workflows.jobs import infer  # noqa: E402
 
 KINDS = ("driver", "predictor", "ray worker", "ray system")
 ROWS_PER_FILE = 200
@@ -170,10 +169,10 @@ def main() -> None:
     if {"speed", "memory"} & set(a.parts):
         cfg = compose_job([f"output_dir={work}", "model.num_classes=4"])
         torch.manual_seed(0)
-        model = build_model(cfg["model"])
+        model = build_model(cfg.model)
         ckpt = work / "model.pt"
         save_checkpoint(ckpt, model, label_map={"category_ids": [1, 2, 3], "names": ["circle", "square", "triangle"]})
-        model = set_detection_limits(model, 0.05, 20).eval()
+        model = model.set_detection_limits(0.05, 20).eval()
         t0 = time.time()
         store = write_shapes_dataset(work / "store", train=1, val=a.images, size=a.size, seed=1) / "val"
         files = sorted(store.glob("*.jpg"))

@@ -8,7 +8,7 @@ ours (> 1: ours is faster) and, for inference, each model's effective FLOP rate 
 the machine's fp32 matrix-product rate measured in the same run: the work is torchvision's
 inference of the batch counted by `torch.utils.flop_counter.FlopCounterMode` (our sparse RoIAlign
 would be counted as a dense product), over each model's median time. Writes the numbers as JSON.
-Both models run under the allocator policy of the jobs (`workflows.allocator`), unless
+Both models run under the allocator policy of the jobs (`workflows.runtime.allocator`), unless
 `--default-allocator` leaves glibc's as it is.
 """
 
@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_gflops  # noqa: E402
-from helpers.oracle import make_pair  # noqa: E402
 
-from workflows.allocator import reuse_large_blocks  # noqa: E402
+from tests.helpers.oracle import make_pair  # noqa: E402
+from workflows.runtime.allocator import reuse_large_blocks  # noqa: E402
 
 CASES = {
     # name: (backbone, image size, batch, torchvision MaskRCNN overrides)

@@ -106,6 +106,13 @@ class ModelConfig:
 
     def validate(self) -> ModelConfig:
         """Raise ValueError naming the key for values the model cannot be built with."""
+        errors = self.errors()
+        if errors:
+            raise ValueError("invalid model config:\n  " + "\n  ".join(errors))
+        return self
+
+    def errors(self) -> list[str]:
+        """One message per value the model cannot be built with, each naming its key."""
         errors = []
         b, a, r, h, t = self.backbone, self.anchors, self.rpn, self.roi_heads, self.transform
         if b.name not in BACKBONES:
@@ -163,9 +170,7 @@ class ModelConfig:
             )
         if len(t.image_mean) != 3 or len(t.image_std) != 3 or any(s <= 0 for s in t.image_std):
             errors.append("model.transform.image_mean/image_std need 3 values, std > 0")
-        if errors:
-            raise ValueError("invalid model config:\n  " + "\n  ".join(errors))
-        return self
+        return errors
 
 
 def _from_dict(cls: type, data: Any, path: str) -> Any:

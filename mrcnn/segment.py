@@ -61,21 +61,30 @@ def segment_images(model: torch.nn.Module, images: list[np.ndarray], labels: Cat
             for p, im in zip(predict_images(model, tensors), images)]
 
 
+def decode_or_error(data: bytes | None, name: str, max_pixels: int | None = None
+                    ) -> tuple[np.ndarray | None, str | None]:
+    """(uint8[H, W, 3] image, None), or (None, the message of the error row it becomes)."""
+    if data is None:
+        return None, f"no image bytes for {name}"
+    try:
+        return decode_image(data, name, max_pixels=max_pixels), None
+    except (ImageDecodeError, ValueError) as e:
+        return None, str(e) or type(e).__name__
+
+
+def segment_decoded(model: torch.nn.Module, decoded: list[tuple[np.ndarray | None, str | None]],
+                    labels: CategoryMap, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """decoded: (image, None) or (None, error message) each, as `decode_or_error` gives -> one row
+    each: an error row for each error, the images predicted together."""
+    rows: list[dict[str, Any] | None] = [error_row(error) if error else None for _, error in decoded]
+    good = [i for i, (_, error) in enumerate(decoded) if error is None]
+    for i, row in zip(good, segment_images(model, [decoded[i][0] for i in good], labels, device)):
+        rows[i] = row
+    return rows
+
+
 def segment_encoded(model: torch.nn.Module, items: list[tuple[bytes | None, str]], labels: CategoryMap,
                     device: torch.device | str = "cpu", max_pixels: int | None = None) -> list[dict[str, Any]]:
     """items: (encoded image bytes, name for messages) -> one row each; an image that cannot be
     decoded (or is missing: None) gets an error row, the others are predicted together."""
-    rows: list[dict[str, Any] | None] = [None] * len(items)
-    good, images = [], []
-    for i, (data, name) in enumerate(items):
-        if data is None:
-            rows[i] = error_row(f"no image bytes for {name}")
-            continue
-        try:
-            images.append(decode_image(data, name, max_pixels=max_pixels))
-            good.append(i)
-        except ImageDecodeError as e:
-            rows[i] = error_row(str(e))
-    for i, row in zip(good, segment_images(model, images, labels, device)):
-        rows[i] = row
-    return rows
+    return segment_decoded(model, [decode_or_error(data, name, max_pixels) for data, name in items], labels, device)

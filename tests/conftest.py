@@ -1,12 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py and helpers
-from helpers.processes import become_subreaper  # noqa: E402
+from tests.helpers.processes import become_subreaper
 
 # Whatever a test starts stays among this process's descendants, to be stopped by PID.
 become_subreaper()
@@ -25,9 +23,8 @@ def ray_local(tmp_path_factory):
     """A local Ray instance for a test module (4 logical CPUs: 2 train workers + data tasks)."""
     import ray
 
-    here = Path(__file__).parent
-    # Workers import test helpers (train loops defined in tests/) and the project.
-    pythonpath = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    # Workers import the tests' own train loops (tests.helpers) from the project's folder.
+    pythonpath = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})

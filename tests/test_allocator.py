@@ -11,7 +11,7 @@ import pytest
 # glibc's default policy, then after `reuse_large_blocks`.
 PROBE = """
 import json, resource, torch
-from workflows.allocator import reuse_large_blocks
+from workflows.runtime.allocator import reuse_large_blocks
 
 def faults_per_step(steps=8):
     counts = []

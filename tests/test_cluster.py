@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers.jobs import tiny
-from helpers.servers import ray_head
 from mlflow.tracking import MlflowClient
 
-from workflows.train import run
+from tests.helpers.jobs import tiny
+from tests.helpers.servers import ray_head
+from workflows.jobs.train import run
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_gpu_training_with_nccl_and_amp(gapped_shapes, tmp_path):
         cfg = tiny(tmp_path / "out", gapped_shapes, "trainer=gpu", "trainer.num_workers=1", "trainer.epochs=1",
                    "trainer.max_steps=3", "trainer.batch_size=2", "trainer.cpus_per_worker=1",
                    "trainer.log_every_steps=1", "run_name=gpu")
-        assert cfg["trainer"]["amp"] is True
+        assert cfg.trainer.amp is True
         result = run(cfg)
         assert result["metrics"]["step"] == 3
     finally:

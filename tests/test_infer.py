@@ -14,23 +14,24 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers.jobs import compose_job
-from helpers.processes import stopped_after
-from helpers.s3server import s3_server, set_credentials, upload_folder
-from helpers.servers import empty_mlflow_store, kill_job, ray_temp_dir
-from helpers.stores import make_store
 
 from mrcnn import build_model
 from mrcnn.checkpoint import write_model_files
 from mrcnn.data.images import decode_image
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.segment import predict_images
-from workflows import infer
-from workflows.config import validate
-from workflows.engine import set_detection_limits
+from tests.helpers.jobs import compose_job
+from tests.helpers.processes import stopped_after
+from tests.helpers.s3server import s3_server, set_credentials, upload_folder
+from tests.helpers.servers import empty_mlflow_store, kill_job, ray_temp_dir
+from tests.helpers.stores import make_store
+from workflows.checks import validate
+from workflows.config import as_dict
 from workflows.inference.inputs import SCHEMA
 from workflows.inference.outputs import safe_name
-from workflows.registry import load_model, log_model, register_model
+from workflows.jobs import infer
+from workflows.logged_model import load_model, log_model
+from workflows.registry import register_model
 from workflows.tracking import mlflow_client, start_or_resume_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,14 +46,14 @@ def registered(tmp_path_factory, gapped_shapes):
     uri = f"sqlite:///{empty_mlflow_store(root / 'mlflow.db')}"
     cfg = compose_job(["model.transform.min_size=[64]", "model.transform.max_size=64", "model.num_classes=4"])
     torch.manual_seed(0)
-    model = build_model(cfg["model"])
-    run_id = start_or_resume_run(uri, "maskrcnn", "infer-model", {"model": cfg["model"]})
+    model = build_model(cfg.model)
+    run_id = start_or_resume_run(uri, "maskrcnn", "infer-model", {"model": as_dict(cfg.model)})
     client = mlflow_client(uri)
     log_model(uri, run_id, {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
                                "label_map": {"category_ids": [3, 7, 11], "names": ["circle", "square", "triangle"]}})
     version = register_model(client, run_id, "shapes-infer", alias="champion")
     # The same weights as a version of the older layout: the three files under a run's model/.
-    legacy_run = start_or_resume_run(uri, "maskrcnn", "infer-model-legacy", {"model": cfg["model"]})
+    legacy_run = start_or_resume_run(uri, "maskrcnn", "infer-model-legacy", {"model": as_dict(cfg.model)})
     folder = write_model_files(root / "legacy" / "model", model.state_dict(), model.cfg.to_dict(),
                                {"category_ids": [3, 7, 11], "names": ["circle", "square", "triangle"]})
     client.log_artifacts(legacy_run, str(folder), "model")
@@ -105,7 +106,7 @@ def test_folder_store_every_file_one_row(ray_local, registered, store, gapped_sh
 
     # A good image's row equals the same model called in-process on the same decoded image.
     loaded = load_model("models:/shapes-infer@champion", registered["uri"])
-    model = set_detection_limits(loaded.model, 0.05, 20).eval()
+    model = loaded.model.set_detection_limits(0.05, 20).eval()
     name = "000001.jpg"
     image = torch.from_numpy(decode_image((root / name).read_bytes())).permute(2, 0, 1).float() / 255
     pred = predict_images(model, [image])[0]
@@ -275,9 +276,9 @@ def test_predictors_stay_flat_over_thousands_of_images_with_detections(registere
     benchmark's to bound (over 20,000 images): over 1,000 the heap's steps, 10-35 MiB whenever
     a batch needs more than any before it, hide a slope of that size."""
     import ray
-    from helpers.memory import ProcessMemory, slope_per_1000
 
     from mrcnn.data.shapes import write_shapes_dataset
+    from tests.helpers.memory import ProcessMemory, slope_per_1000
 
     ray.shutdown()  # a fresh instance: 2 one-CPU actors + write tasks
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
@@ -360,7 +361,7 @@ def test_mlflow_serves_the_registered_model_over_http(registered, store, tmp_pat
     import urllib.error
     import urllib.request
 
-    from helpers.servers import free_port, wait_http
+    from tests.helpers.servers import free_port, wait_http
 
     files = _model_folder(store[0], tmp_path / "images")
     port = free_port()

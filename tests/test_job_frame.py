@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers.jobs import compose_job
 from mlflow.tracking import MlflowClient
 
-from workflows.job import Job, JobInterrupted, new_run_name
+from tests.helpers.jobs import compose_job
+from workflows.jobs.frame import Job, JobInterrupted, new_run_name
 
 
 def frame(tmp_path, kind: str = "evaluate") -> Job:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.oracle import make_pair
-from test_model_learning import small_config
 
 from mrcnn import MaskRCNN, ModelConfig, build_model
 from mrcnn.checkpoint import checkpoint_step, load_checkpoint, load_torchvision_weights, save_checkpoint
 from mrcnn.modeling.postprocess import paste_masks
+from tests.helpers.models import small_config
+from tests.helpers.oracle import make_pair
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrcnn import ModelConfig, build_model
+from mrcnn import build_model
+from tests.helpers.models import small_config
 
 
 def _scene(seed: int, size: int = 128):
@@ -25,21 +26,6 @@ def _scene(seed: int, size: int = 128):
         boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
     return image, {"boxes": torch.tensor(boxes, dtype=torch.float32),
                    "labels": torch.tensor([1, 2]), "masks": masks}
-
-
-def small_config(num_classes: int = 3) -> ModelConfig:
-    cfg = ModelConfig(num_classes=num_classes)
-    cfg.backbone.name = "resnet18"
-    cfg.backbone.trainable_layers = 5
-    cfg.backbone.frozen_bn = False  # from scratch: real BN statistics
-    cfg.anchors.sizes = [[16], [32], [64], [128], [256]]
-    cfg.rpn.pre_nms_top_n_train = cfg.rpn.post_nms_top_n_train = 200
-    cfg.rpn.pre_nms_top_n_test = cfg.rpn.post_nms_top_n_test = 100
-    cfg.roi_heads.batch_size_per_image = 64
-    cfg.roi_heads.representation_size = 256
-    cfg.transform.min_size = [128]
-    cfg.transform.max_size = 128
-    return cfg
 
 
 @pytest.mark.slow  # 80 training steps at 128 px: about 2 minutes on 2 slow cores

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.oracle import make_pair
 
 from mrcnn.masks import encode_masks
+from tests.helpers.oracle import make_pair
 
 IMAGES = [(300, 400), (256, 200), (200, 500)]  # landscape, portrait, wide
 

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.jobs import compose_job
-from helpers.s3server import CREDENTIALS, create_bucket, s3_server
 from mlflow.tracking import MlflowClient
 
 from mrcnn import ModelConfig, build_model
 from mrcnn.checkpoint import save_checkpoint
+from tests.helpers.jobs import compose_job
+from tests.helpers.s3server import CREDENTIALS, create_bucket, s3_server
 from workflows.ingest import ensure_shapes, load_split
-from workflows.job import Job
-from workflows.registry import load_model
+from workflows.jobs.frame import Job
+from workflows.logged_model import load_model
 from workflows.storage import exists, filesystem, list_files, read_bytes, whole_file, write_bytes
-from workflows.trainer import newest_complete_checkpoint
+from workflows.training.trainer import newest_complete_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +89,15 @@ def test_the_embedded_dataset_is_generated_into_the_bucket(aws_env):
     then read from there like any dataset in object storage."""
     cfg = compose_job(["output_dir=s3://runs/demo", "data.generate.train=4", "data.generate.val=2",
                        "data.generate.size=64"])
-    data = cfg["data"]
-    assert data["root"] == "s3://runs/demo/data/shapes"
-    ensure_shapes(data)
+    data = cfg.data
+    assert data.root == "s3://runs/demo/data/shapes"
+    ensure_shapes(data, data.root)
     assert exists("s3://runs/demo/data/shapes/.complete") == "file"
-    split = load_split(data, "val")
+    split = load_split(data, data.root, "val")
     assert len(split.records) == 2 and split.records[0]["path"].startswith("s3://runs/demo/data/shapes/val/")
     assert read_bytes(split.records[0]["path"])[:2] == b"\xff\xd8"  # a JPEG
     stamp = read_bytes("s3://runs/demo/data/shapes/.complete")
-    ensure_shapes(data)  # complete: not written again
+    ensure_shapes(data, data.root)  # complete: not written again
     assert read_bytes("s3://runs/demo/data/shapes/.complete") == stamp
     assert os.environ["AWS_ENDPOINT_URL"] == aws_env
 

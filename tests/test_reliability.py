@@ -7,8 +7,6 @@ import pickle
 
 import pytest
 import torch
-from helpers.jobs import compose_job, tiny
-from helpers.servers import free_port
 
 from mrcnn.checkpoint import (
     UnsafeWeightsError,
@@ -18,8 +16,10 @@ from mrcnn.checkpoint import (
     write_model_files,
 )
 from mrcnn.data.images import ImageDecodeError, decode_image
-from workflows.registry import read_model_dir
-from workflows.train import run
+from tests.helpers.jobs import compose_job, tiny
+from tests.helpers.servers import free_port
+from workflows.jobs.train import run
+from workflows.logged_model import read_model_dir
 
 
 class _RunsCode:

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.jobs import compose_job
 from mlflow.tracking import MlflowClient
 
 from mrcnn import build_model
-from workflows import promote, sweep
+from tests.helpers.jobs import compose_job
 from workflows.cli import models as models_cli
-from workflows.registry import log_model
+from workflows.config import as_dict
+from workflows.jobs import models as promote
+from workflows.jobs import tune as sweep
+from workflows.logged_model import log_model
 from workflows.tracking import start_or_resume_run
 
 TINY = ["data.generate=null", "model.transform.min_size=[64]", "model.transform.max_size=64",
@@ -91,7 +93,7 @@ def test_promote_moves_champion_only_to_a_better_candidate(ray_local, gapped_sha
     client = MlflowClient(uri)
     cfg = compose_job(["model.backbone.name=resnet18", *MODEL])
     torch.manual_seed(0)
-    model = build_model(cfg["model"]).eval()
+    model = build_model(cfg.model).eval()
     labels = {"category_ids": [3, 7, 11], "names": ["circle", "square", "triangle"]}
     runs = {}
     for name in ("a", "blind"):
@@ -100,7 +102,7 @@ def test_promote_moves_champion_only_to_a_better_candidate(ray_local, gapped_sha
             bias = state["roi_heads.box_predictor.cls_score.bias"]
             bias[:] = -100.0
             bias[0] = 100.0
-        runs[name] = start_or_resume_run(uri, "maskrcnn", name, {"model": cfg["model"]})
+        runs[name] = start_or_resume_run(uri, "maskrcnn", name, {"model": as_dict(cfg.model)})
         log_model(uri, runs[name], {"model": state, "model_config": model.cfg.to_dict(), "label_map": labels})
     judged = its_own_ground_truth(model, gapped_shapes, tmp_path / "judged")
     overrides = [f"output_dir={tmp_path / 'out'}", f"data.root={judged}", "data.generate=null", *MODEL]
@@ -108,13 +110,13 @@ def test_promote_moves_champion_only_to_a_better_candidate(ray_local, gapped_sha
     models_cli(["--tracking-uri", uri, "alias", "shapes-promote", blind, "champion"])
     a = registry_version(client, uri, runs["a"], overrides)
     judge = compose_job([*overrides, f"tracking.tracking_uri={uri}"])
-    better = promote.run(judge, "shapes-promote", metric="segm_AP50")
+    better = promote.promote(judge, "shapes-promote", metric="segm_AP50")
     assert better["champion_segm_AP50"] == 0 and better["candidate_segm_AP50"] > 0, better
     assert better["decision"] == f"promoted version {a}"
     assert str(client.get_model_version_by_alias("shapes-promote", "champion").version) == a
 
     worse_version = registry_version(client, uri, runs["blind"], overrides)  # alias candidate
-    worse = promote.run(judge, "shapes-promote", metric="segm_AP50")
+    worse = promote.promote(judge, "shapes-promote", metric="segm_AP50")
     assert worse["decision"].startswith(f"kept version {a}") and worse["candidate"] == worse_version
     assert str(client.get_model_version_by_alias("shapes-promote", "champion").version) == a
     decided = client.get_run(worse["run_id"])

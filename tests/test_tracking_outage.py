@@ -10,11 +10,11 @@ import traceback
 
 import numpy as np
 import pytest
-from helpers.jobs import tiny
-from helpers.servers import free_port, mlflow_server
 
+from tests.helpers.jobs import tiny
+from tests.helpers.servers import free_port, mlflow_server
+from workflows.jobs.train import run
 from workflows.tracking import RunLogger, experiment_id, mlflow_client
-from workflows.train import run
 
 
 @pytest.fixture

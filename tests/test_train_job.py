@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
 import mlflow
 import pytest
-from helpers.jobs import compose_job, tiny
-from helpers.servers import mlflow_server
 from mlflow.tracking import MlflowClient
 
-from workflows.config import validate
-from workflows.registry import load_model
-from workflows.train import run
+from tests.helpers.jobs import compose_job, tiny
+from tests.helpers.servers import mlflow_server
+from workflows.checks import validate
+from workflows.jobs.train import run
+from workflows.logged_model import load_model
 
 
 def test_default_composition_and_groups():
     cfg = compose_job([])
-    assert cfg["model"]["backbone"]["name"] == "resnet18" and cfg["data"]["name"] == "shapes"
-    assert cfg["trainer"]["use_gpu"] is False and cfg["model"]["num_classes"] == 0
+    assert cfg.model.backbone.name == "resnet18" and cfg.data.name == "shapes"
+    assert cfg.trainer.use_gpu is False and cfg.model.num_classes == 0
     coco = compose_job(["experiment=coco_r50_fpn_1x", "data.root=s3://bucket/coco"])
-    assert coco["model"]["backbone"]["name"] == "resnet50" and coco["trainer"]["use_gpu"] is True
-    assert coco["trainer"]["optimizer"]["milestones"] == [0.667, 0.889]
-    assert coco["data"]["train_images"] == "train2017"
+    assert coco.model.backbone.name == "resnet50" and coco.trainer.use_gpu is True
+    assert coco.trainer.optimizer.milestones == [0.667, 0.889]
+    assert coco.data.train_images == "train2017"
 
 
 @pytest.mark.parametrize("override,message", [
@@ -64,8 +65,7 @@ def two_category_copy(src: Path, dst: Path) -> Path:
 def test_train_track_register_and_fine_tune(ray_local, gapped_shapes, tmp_path, monkeypatch):
     """In object storage (a local S3 server): checkpoints, the job's log and the rows of the data
     report land in the bucket, the tracking on an MLflow server; nothing in a local folder."""
-    from helpers.s3server import CREDENTIALS, create_bucket, s3_server
-
+    from tests.helpers.s3server import CREDENTIALS, create_bucket, s3_server
     from workflows.storage import list_files
 
     with mlflow_server(tmp_path / "mlflow") as url, s3_server() as endpoint:
@@ -76,7 +76,9 @@ def test_train_track_register_and_fine_tune(ray_local, gapped_shapes, tmp_path, 
         monkeypatch.chdir(tmp_path)
         cfg = tiny("s3://runs/track", gapped_shapes, "trainer.epochs=1", f"tracking.tracking_uri={url}",
                    "run_name=tiny", "tracking.registered_model=shapes-tiny", *s3)
+        composed = copy.deepcopy(cfg)
         first = run(cfg)
+        assert cfg == composed  # what the job derived was passed on, not written into the config
         assert first["checkpoint"].startswith("s3://runs/track/ray_results/tiny/checkpoint_")
         stored = list_files("s3://runs/track")
         assert first["checkpoint"] in stored and any(f.startswith("s3://runs/track/logs/train-") for f in stored)
@@ -84,7 +86,8 @@ def test_train_track_register_and_fine_tune(ray_local, gapped_shapes, tmp_path, 
         client = MlflowClient(url)
         r = client.get_run(first["run_id"])
         assert r.data.params["model.backbone.name"] == "resnet18"
-        assert r.data.params["model.num_classes"] == "4"  # 3 categories + background
+        # As composed (0: follow the data), and as derived: 3 categories + background
+        assert r.data.params["model.num_classes"] == "0" and r.data.params["derived.model.num_classes"] == "4"
         assert r.data.tags["ray.worker_nodes"]
         kind = client.get_experiment(r.info.experiment_id).tags["mlflow.experimentKind"]
         assert kind == "custom_model_development"  # the UI's model-training view
@@ -93,7 +96,7 @@ def test_train_track_register_and_fine_tune(ray_local, gapped_shapes, tmp_path, 
         for name in ("system/images_per_s", "system/data_wait_share", "train/lr", "train/loss_mask"):
             assert name in r.data.metrics
         files = {f.path for f in client.list_artifacts(r.info.run_id)}
-        assert {"config.yaml", "predictions", "data_report"} <= files
+        assert {"config.yaml", "derived.yaml", "predictions", "data_report"} <= files
         assert r.data.metrics["train/images_skipped"] == 0 and r.data.tags["data.train_problems"] == "0"
         # The run's model: an MLflow logged model (pyfunc from code) with the final AP linked to it.
         logged = client.search_logged_models([r.info.experiment_id], filter_string=f"source_run_id = '{r.info.run_id}'")
@@ -162,7 +165,7 @@ def test_the_kuberay_manifest_runs_a_valid_command_on_the_pinned_ray():
     assert command == "mrcnn-train"
     cfg = compose_job(overrides)
     validate(cfg, "train")
-    assert cfg["output_dir"].startswith("s3://") and cfg["data"]["root"].startswith("s3://")
+    assert cfg.output_dir.startswith("s3://") and cfg.data.root.startswith("s3://")
     pinned = re.search(r'"ray\[[^\]]*\]>=([\d.]+),<', (repo / "pyproject.toml").read_text()).group(1)
     version = job["spec"]["rayClusterSpec"]["rayVersion"]
     assert version.startswith(f"{pinned}.") and f"rayproject/ray:{version}-" in (repo / "deploy/Dockerfile").read_text()

@@ -16,10 +16,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers.hosts import can_make_hosts, two_hosts
-from helpers.s3server import CREDENTIALS, create_bucket, s3_server, upload_folder
-from helpers.servers import mlflow_server, wait_http
 from mlflow.tracking import MlflowClient
+
+from tests.helpers.hosts import can_make_hosts, two_hosts
+from tests.helpers.s3server import CREDENTIALS, create_bucket, s3_server, upload_folder
+from tests.helpers.servers import mlflow_server, wait_http
 
 BIN = Path(sys.executable).parent
 WHY_NOT = can_make_hosts()
@@ -65,7 +66,7 @@ def test_two_hosts_train_lose_a_host_resume_segment_and_sweep_through_a_bucket(t
 
     from mrcnn.data.images import decode_image
     from mrcnn.data.shapes import write_shapes_dataset
-    from workflows.registry import load_model
+    from workflows.logged_model import load_model
     from workflows.storage import exists, list_files, read_bytes, remove
 
     shapes = write_shapes_dataset(tmp_path / "shapes", train=8, val=4, size=64, seed=1)

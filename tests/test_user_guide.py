@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.browser import CHROMIUM, capture, ui_pages
-from helpers.notebooks import outputs, run_notebook, stdout
-from helpers.processes import stopped_after
-from helpers.servers import mlflow_server, ray_temp_dir
+
+from tests.helpers.browser import CHROMIUM, capture, ui_pages
+from tests.helpers.notebooks import outputs, run_notebook, stdout
+from tests.helpers.processes import stopped_after
+from tests.helpers.servers import mlflow_server, ray_temp_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,14 +1,15 @@
 """The command-line entry points: arguments wired to the jobs, nothing else.
 
-    mrcnn-train    [Hydra overrides]          workflows.train.run
-    mrcnn-tune     [Hydra overrides]          workflows.sweep.run
-    mrcnn-evaluate +weights=URI [+split=val]  workflows.evaluate.run
-    mrcnn-infer    infer.input=... infer.output=...   workflows.infer.run
-    mrcnn-models   list|register|alias|promote        workflows.registry, workflows.promote.run
+    mrcnn-train    [Hydra overrides]          workflows.jobs.train.run
+    mrcnn-tune     [Hydra overrides]          workflows.jobs.tune.run
+    mrcnn-evaluate +weights=URI [+split=val]  workflows.jobs.evaluate.run
+    mrcnn-infer    infer.input=... infer.output=...   workflows.jobs.infer.run
+    mrcnn-models   list|register|alias|promote        workflows.jobs.models
     mrcnn-shapes   --out DIR                  mrcnn.data.shapes
 
 Every Hydra command takes `--cfg job` (print the composed config) and `verbose=true` (Ray's
-routine output on the console too). A job that fails exits non-zero with its error.
+routine output on the console too). A job that fails exits non-zero with its error. Each job's
+module is imported when its command runs: `mrcnn-models list` never imports torch.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from workflows.config import CONF_DIR, ShapesGenConfig, compose_config, register_configs, to_container
+from workflows.config import CONF_DIR, ShapesGenConfig, compose_config, register_configs, typed, with_values
 
 register_configs()
 
@@ -31,34 +32,34 @@ def _hydra_main(fn):
 
 @_hydra_main
 def train(cfg: DictConfig) -> None:
-    from workflows import train as job
+    from workflows.jobs import train as job
 
-    job.run(to_container(cfg))
+    job.run(typed(cfg))
 
 
 @_hydra_main
 def tune(cfg: DictConfig) -> None:
-    from workflows import sweep
+    from workflows.jobs import tune as job
 
-    sweep.run(to_container(cfg))
+    job.run(typed(cfg))
 
 
 @_hydra_main
 def infer(cfg: DictConfig) -> None:
-    from workflows import infer as job
+    from workflows.jobs import infer as job
 
-    job.run(to_container(cfg))
+    job.run(typed(cfg))
 
 
 @_hydra_main
 def evaluate(cfg: DictConfig) -> None:
-    from workflows import evaluate as job
+    from workflows.jobs import evaluate as job
 
-    plain = to_container(cfg)
-    weights, split = plain.pop("weights", None), plain.pop("split", "val")
+    with open_dict(cfg):  # the command's own two arguments, beside the job config
+        weights, split = cfg.pop("weights", None), cfg.pop("split", "val")
     if not weights:
         raise SystemExit("mrcnn-evaluate needs +weights=PATH/checkpoint.pt or +weights=models:/NAME@ALIAS")
-    job.run(plain, weights, split)
+    job.run(typed(cfg), weights, split)
 
 
 MODELS_HELP = """The MLflow model registry of our Mask R-CNNs.
@@ -76,8 +77,8 @@ val split (Hydra overrides after `--`), moves `champion` only when the candidate
 
 
 def models(argv: list[str] | None = None) -> None:
-    from workflows import promote
-    from workflows.registry import CANDIDATE, list_versions, register_model
+    from workflows.jobs import models as job
+    from workflows.registry import CANDIDATE, register_model
     from workflows.tracking import mlflow_client, resolve_tracking_uri
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -104,30 +105,25 @@ def models(argv: list[str] | None = None) -> None:
     pr.add_argument("--split", default="val")
     pr.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
-    cfg = compose_config(overrides)
     uri = a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    cfg = compose_config(overrides)
+    if uri:
+        cfg = with_values(cfg, {"tracking.tracking_uri": uri})
     if a.command == "promote":
-        if uri:
-            cfg["tracking"]["tracking_uri"] = uri
-        promote.run(cfg, a.name, a.metric, a.force, a.split)
+        job.promote(cfg, a.name, a.metric, a.force, a.split)
         return
-    uri = uri or resolve_tracking_uri(cfg["tracking"], os.path.abspath(cfg["output_dir"]))
+    uri = resolve_tracking_uri(cfg.tracking, os.path.abspath(cfg.output_dir))
     client = mlflow_client(uri)
-    if a.command == "list":
-        try:
-            rows = list_versions(client, a.name, uri)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        print(f"{'version':>7}  {'aliases':20s} {'run_id':34s} {'segm_AP':>8} {'bbox_AP':>8}")
-        for r in rows:
-            ap = [f"{r[k]:8.3f}" if r[k] is not None else f"{'-':>8}" for k in ("segm_AP", "bbox_AP")]
-            print(f"{r['version']:>7}  {r['aliases']:20s} {r['run_id'] or '-':34s} {ap[0]} {ap[1]}")
-    elif a.command == "register":
-        version = register_model(client, a.run_id, a.name, a.alias)
-        print(f"registered {a.name} version {version} from run {a.run_id} (alias {a.alias})")
-    else:
-        client.set_registered_model_alias(a.name, a.alias, a.version)
-        print(f"{a.name}@{a.alias} -> version {a.version}")
+    try:
+        if a.command == "list":
+            print(job.versions_table(client, a.name, uri))
+        elif a.command == "register":
+            version = register_model(client, a.run_id, a.name, a.alias)
+            print(f"registered {a.name} version {version} from run {a.run_id} (alias {a.alias})")
+        else:
+            print(job.set_alias(client, a.name, a.version, a.alias))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def shapes(argv: list[str] | None = None) -> None:

@@ -1,36 +1,27 @@
-"""The job configuration schema (dataclasses), registered in Hydra's ConfigStore.
+"""The job configuration: its schema (dataclasses, registered in Hydra's ConfigStore), the one
+boundary where Hydra's composed config becomes typed objects, and what a job derives from it.
+
+    cfg = typed(composed)             # JobConfig: jobs, trainer, workers and pipelines read attributes
+    paths = Paths.of(cfg)             # derived once on the driver, passed on; cfg is never written
+    trial = with_values(cfg, {"model.backbone.name": "resnet34"})   # a new object (sweeps)
 
 Each default lives here, once; YAML under conf/ holds only what differs, in the groups model/,
 data/, trainer/, tracking/, sweep/, infer/ and experiment/. Unknown keys and wrong types fail
-when Hydra composes; `validate` checks values before any Ray work.
+when Hydra composes; `workflows.checks.validate` checks values before any Ray work.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-
 from mrcnn.config import ModelConfig
+from workflows.storage import S3Config, absolute
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-@dataclass
-class S3Config:
-    """pyarrow S3 settings for every s3:// URI of a job (data, output_dir, infer's input and
-    output); a key left unset comes from the AWS environment / files, as for the AWS CLI."""
-
-    endpoint_override: Optional[str] = None
-    region: Optional[str] = None
-    access_key: Optional[str] = None
-    secret_key: Optional[str] = None
-    anonymous: bool = False
 
 
 @dataclass
@@ -202,205 +193,72 @@ class JobConfig:
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="job_schema", node=JobConfig)
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
 
 
-def to_container(cfg: DictConfig) -> dict[str, Any]:
-    """Resolved plain dict: what crosses to Ray workers and into checkpoints."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+def typed(composed: Any) -> JobConfig:
+    """Hydra's composed config (a DictConfig of the `job_schema`) as a JobConfig, every group
+    its dataclass: the one place a job's config is read by key."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(composed)
 
 
-def training_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config without the keys of other jobs (sweep, infer): a training run's params."""
-    return {k: v for k, v in cfg.items() if k not in ("sweep", "infer")}
+def compose_config(overrides: list[str]) -> JobConfig:
+    """The job config from Hydra overrides, outside `@hydra.main` (mrcnn-models, notebooks, tests)."""
+    from hydra import compose, initialize_config_dir
 
-
-def compose_config(overrides: list[str]) -> dict[str, Any]:
-    """The job config from Hydra overrides, outside `@hydra.main` (mrcnn-models, notebooks)."""
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_container(compose(config_name="config", overrides=overrides))
+        return typed(compose(config_name="config", overrides=overrides))
 
 
-# ---------------------------------------------------------------------------------------------
-# Value checks: every one a job makes before any Ray work, in one place.
+def with_values(cfg: JobConfig, values: dict[str, Any]) -> JobConfig:
+    """A new JobConfig: `cfg` with each dotted key set to its value, type-checked as an override
+    on the command line would be (a sweep's trial). `cfg` is left as it is."""
+    from omegaconf import OmegaConf
 
-JOBS = ("train", "sweep", "evaluate", "promote", "infer")
-SPACE_KINDS = ("choice", "grid", "uniform", "loguniform")
-
-
-def validate(cfg: dict[str, Any], job: str = "train", cpus: float | None = None) -> None:
-    """Value checks Hydra's types cannot express, for `job` (one of JOBS); raise ValueError
-    naming every key that is wrong. With `cpus` (a local Ray instance's), also whether the job
-    fits on it."""
-    if job not in JOBS:
-        raise ValueError(f"unknown job {job!r}: one of {', '.join(JOBS)}")
-    errors = model_errors(cfg) + data_errors(cfg["data"]) + storage_errors(cfg)
-    if job in ("train", "sweep"):
-        errors += trainer_errors(cfg["trainer"])
-    if job == "sweep":
-        errors += sweep_errors(cfg)
-    if job == "infer":
-        errors += infer_errors(cfg["infer"], cpus)
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    node = OmegaConf.structured(cfg)
+    for path, value in values.items():
+        OmegaConf.update(node, path, value, merge=False)
+    return OmegaConf.to_object(node)
 
 
-NO_SQLITE_IN_OBJECT_STORAGE = (
-    "output_dir={output_dir} is in object storage, where the default tracking store (a SQLite file "
-    "under output_dir) cannot live: use an MLflow server, tracking=server (from $MLFLOW_TRACKING_URI) or "
-    "tracking.tracking_uri=http://mlflow.example:5000")
+def value_at(cfg: Any, path: str) -> Any:
+    """The value of a dotted key (`model.backbone.name`); AttributeError when there is none."""
+    return functools.reduce(getattr, path.split("."), cfg)
 
 
-def storage_errors(cfg: dict[str, Any]) -> list[str]:
-    output_dir = str(cfg["output_dir"])
-    if "://" in output_dir and not output_dir.startswith("s3://"):
-        return [f"output_dir={output_dir}: give a local folder or an s3:// URI"]
-    if output_dir.startswith("s3://") and not cfg["tracking"]["tracking_uri"]:
-        return [NO_SQLITE_IN_OBJECT_STORAGE.format(output_dir=output_dir)]
-    return []
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A config object (or any dataclass of it) as plain nested dicts and lists."""
+    return dataclasses.asdict(cfg)
 
 
-def model_errors(cfg: dict[str, Any]) -> list[str]:
-    model = cfg["model"]
-    if model["num_classes"] == 0:  # filled from the dataset later; check the rest
-        model = {**model, "num_classes": 2}
-    try:
-        ModelConfig.from_dict(model).validate()
-    except ValueError as e:
-        lines = str(e).splitlines()
-        return [line.strip() for line in lines[1:]] if len(lines) > 1 else lines
-    return []
+def training_params(cfg: JobConfig) -> dict[str, Any]:
+    """The config without the groups of other jobs (sweep, infer): a training run's params."""
+    return {k: v for k, v in as_dict(cfg).items() if k not in ("sweep", "infer")}
 
 
-def data_errors(data: dict[str, Any]) -> list[str]:
-    errors = []
-    if data["missing_images"] not in ("error", "skip"):
-        errors.append(f"data.missing_images={data['missing_images']!r} must be 'error' or 'skip'")
-    if not 0 <= data["augment"]["hflip_prob"] <= 1:
-        errors.append("data.augment.hflip_prob must be in [0, 1]")
-    if any(s <= 0 for s in data["augment"]["scales"]):
-        errors.append(f"data.augment.scales={data['augment']['scales']} must be positive")
-    for key in ("decode_batch_size", "decode_concurrency"):
-        if data[key] <= 0:
-            errors.append(f"data.{key}={data[key]} must be > 0")
-    return errors
+@dataclass(frozen=True)
+class Paths:
+    """The job's locations, derived once on the driver: local paths made absolute (Ray's workers
+    run in other folders), s3:// URIs as given."""
 
+    output_dir: str
+    data_root: str
+    infer_input: Optional[str] = None
+    infer_output: Optional[str] = None
 
-def trainer_errors(trainer: dict[str, Any]) -> list[str]:
-    errors = []
-    for key in ("num_workers", "epochs", "batch_size", "cpus_per_worker", "log_every_steps",
-                "num_to_keep", "checkpoint_every_epochs", "eval_every_epochs"):
-        if trainer[key] <= 0:
-            errors.append(f"trainer.{key}={trainer[key]} must be > 0")
-    if trainer["placement_strategy"] not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        errors.append(f"trainer.placement_strategy={trainer['placement_strategy']!r} must be PACK, SPREAD, "
-                      "STRICT_PACK or STRICT_SPREAD")
-    if trainer["max_failures"] < -1:
-        errors.append("trainer.max_failures must be >= -1 (-1: retry forever)")
-    opt = trainer["optimizer"]
-    if opt["name"] not in ("sgd", "adamw"):
-        errors.append(f"trainer.optimizer.name={opt['name']!r} must be 'sgd' or 'adamw'")
-    if opt["lr"] <= 0:
-        errors.append(f"trainer.optimizer.lr={opt['lr']} must be > 0")
-    if any(not 0 < m < 1 for m in opt["milestones"]):
-        errors.append("trainer.optimizer.milestones are fractions of the run, each in (0, 1)")
-    return errors
+    @classmethod
+    def of(cls, cfg: JobConfig) -> Paths:
+        def maybe(value: Optional[str]) -> Optional[str]:
+            return absolute(value) if value else None
 
+        return cls(absolute(cfg.output_dir), absolute(cfg.data.root), maybe(cfg.infer.input), maybe(cfg.infer.output))
 
-def infer_errors(infer: dict[str, Any], cpus: float | None) -> list[str]:
-    errors = []
-    for key in ("input", "output"):
-        if not infer[key]:
-            errors.append(f"infer.{key} is not set: give a folder or s3:// prefix, e.g. infer.{key}=/data/images")
-    for key in ("batch_size", "concurrency", "decode_threads", "max_pixels", "rows_per_file"):
-        if infer[key] <= 0:
-            errors.append(f"infer.{key}={infer[key]} must be > 0")
-    if not 0 <= infer["score_threshold"] <= 1:
-        errors.append(f"infer.score_threshold={infer['score_threshold']} must be in [0, 1]")
-    # The predictor actors hold their CPUs for the whole job: they must leave a quarter of a CPU
-    # for a write task, or the job waits forever.
-    held = infer["concurrency"] * infer["cpus_per_actor"]
-    if cpus is not None and held + 0.25 > cpus:
-        errors.append(f"infer.concurrency={infer['concurrency']} x infer.cpus_per_actor={infer['cpus_per_actor']:g} "
-                      f"= {held:g} CPUs for the predictors leaves too little of this machine's {cpus:g} CPUs for "
-                      "writing (0.25): lower infer.concurrency or infer.cpus_per_actor")
-    return errors
-
-
-def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
-    """`sweep.space`, nested or dotted keys -> {"model.backbone.name": {"grid": [...]}, ...}."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in space.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and set(value) <= set(SPACE_KINDS):
-            if len(value) != 1:
-                raise ValueError(f"sweep.space.{path} has {sorted(value)}: give exactly one of "
-                                 f"{', '.join(SPACE_KINDS)}")
-            out[path] = value
-        elif isinstance(value, dict) and value:
-            out.update(flatten_space(value, path + "."))
-        else:
-            raise ValueError(f"sweep.space.{path}: expected {{choice|grid: [values]}} or "
-                             f"{{uniform|loguniform: [low, high]}}, got {value!r}")
-    return out
-
-
-def get_path(cfg: dict[str, Any], path: str) -> Any:
-    node = cfg
-    for part in path.split("."):
-        node = node[part]
-    return node
-
-
-def set_path(cfg: dict[str, Any], path: str, value: Any) -> None:
-    *parents, last = path.split(".")
-    node = cfg
-    for part in parents:
-        node = node[part]
-    node[last] = copy.deepcopy(value)
-
-
-def sweep_errors(cfg: dict[str, Any]) -> list[str]:
-    """The sweep's settings, and its space: every key exists in the job config and every listed
-    value passes the training checks."""
-    sweep = cfg["sweep"]
-    errors = []
-    if sweep["mode"] not in ("max", "min"):
-        errors.append(f"sweep.mode={sweep['mode']!r} must be 'max' or 'min'")
-    for key in ("num_samples", "max_concurrent_trials"):
-        if sweep[key] <= 0:
-            errors.append(f"sweep.{key}={sweep[key]} must be > 0")
-    try:
-        space = flatten_space(sweep["space"])
-    except ValueError as e:
-        return [*errors, str(e)]
-    if not space:
-        errors.append("sweep.space is empty: add a dimension, e.g. "
-                      "'+sweep.space.model.backbone.name={choice:[resnet18,resnet34]}'")
-    for path, spec in space.items():
-        try:
-            get_path(cfg, path)
-        except (KeyError, TypeError):
-            errors.append(f"sweep.space.{path}: {path!r} is not a key of the job config "
-                          "(see `mrcnn-train --cfg job` for the keys)")
-            continue
-        kind, values = next(iter(spec.items()))
-        if kind in ("uniform", "loguniform"):
-            if not (isinstance(values, list) and len(values) == 2 and values[0] < values[1]):
-                errors.append(f"sweep.space.{path}.{kind} must be [low, high] with low < high, got {values}")
-                continue
-            if kind == "loguniform" and values[0] <= 0:
-                errors.append(f"sweep.space.{path}.loguniform needs low > 0, got {values}")
-                continue
-            values = values[:1]
-        elif not isinstance(values, list) or not values:
-            errors.append(f"sweep.space.{path}.{kind} must be a non-empty list of values")
-            continue
-        for value in values:
-            trial = copy.deepcopy(cfg)
-            set_path(trial, path, value)
-            trial_errors = model_errors(trial) + data_errors(trial["data"]) + trainer_errors(trial["trainer"])
-            errors += [f"sweep.space.{path} value {value!r}: {e}" for e in trial_errors]
-    return errors
+    def labelled(self) -> dict[str, Any]:
+        """{config key: derived value} for the run's record."""
+        return {"output_dir": self.output_dir, "data.root": self.data_root, "infer.input": self.infer_input,
+                "infer.output": self.infer_output}

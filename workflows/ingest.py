@@ -19,14 +19,15 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.train import DataConfig
+from ray.train import DataConfig as RayDataConfig
 
 from mrcnn.data.coco import CategoryMap, ValidationReport, load_coco_records
 from mrcnn.data.images import ImageDecodeError, decode_image
 from mrcnn.data.shapes import write_shapes_dataset
 from mrcnn.data.transforms import horizontal_flip, resize_shorter_side, to_model_inputs
-from workflows.compat import ExecutionCallback, execution_options, operator_progress
-from workflows.storage import exists, is_s3, join, list_files, read_bytes, upload_folder, write_bytes
+from workflows.config import AugmentConfig, DataConfig
+from workflows.runtime.ray_internals import ExecutionCallback, execution_options, operator_progress
+from workflows.storage import S3Config, exists, is_s3, join, list_files, read_bytes, upload_folder, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,30 +41,36 @@ class Split:
     coco: dict[str, Any]  # the parsed annotation file: the ground truth for COCOeval
 
 
-def ensure_shapes(data_cfg: dict[str, Any]) -> None:
-    """Generate the synthetic dataset at `data.root` if it is configured and not complete. In
-    object storage it is written locally, uploaded, and marked complete last."""
-    gen = data_cfg.get("generate")
-    root, s3 = data_cfg["root"], data_cfg["s3"]
+def ensure_shapes(data: DataConfig, root: str) -> None:
+    """Generate the synthetic dataset at `root` (`data.root`, absolute) if `data.generate` is
+    set and it is not complete. In object storage it is written locally, uploaded, and marked
+    complete last."""
+    gen, s3 = data.generate, data.s3
     if not gen or exists(join(root, ".complete"), s3) == "file":
         return
     log.info("generating the shapes dataset at %s (%s)", root, gen)
     if not is_s3(root):
-        write_shapes_dataset(root, gen["train"], gen["val"], gen["size"], gen["seed"])
+        write_shapes_dataset(root, gen.train, gen.val, gen.size, gen.seed)
         return
     with tempfile.TemporaryDirectory(prefix="mrcnn-shapes-") as tmp:
-        marker = write_shapes_dataset(tmp, gen["train"], gen["val"], gen["size"], gen["seed"]) / ".complete"
+        marker = write_shapes_dataset(tmp, gen.train, gen.val, gen.size, gen.seed) / ".complete"
         done = marker.read_bytes()
         marker.unlink()
         upload_folder(tmp, root, s3)
         write_bytes(join(root, ".complete"), done, s3)
 
 
-def load_split(data_cfg: dict[str, Any], split: str, categories: CategoryMap | None = None) -> Split:
-    """Read and validate `data.<split>_annotations`; each record gains `path`, its image URI."""
-    root, s3 = data_cfg["root"], data_cfg["s3"]
-    ann_uri = join(root, data_cfg[f"{split}_annotations"])
-    images_root = join(root, data_cfg[f"{split}_images"])
+def annotations_uri(data: DataConfig, root: str, split: str) -> str:
+    """Where `data.<split>_annotations` is, under `root` (`data.root`, absolute) unless absolute."""
+    return join(root, getattr(data, f"{split}_annotations"))
+
+
+def load_split(data: DataConfig, root: str, split: str, categories: CategoryMap | None = None) -> Split:
+    """Read and validate `data.<split>_annotations` under `root` (`data.root`, absolute); each
+    record gains `path`, its image URI."""
+    s3 = data.s3
+    ann_uri = annotations_uri(data, root, split)
+    images_root = join(root, getattr(data, f"{split}_images"))
     try:
         coco = json.loads(read_bytes(ann_uri, s3))
     except FileNotFoundError as e:
@@ -77,7 +84,7 @@ def load_split(data_cfg: dict[str, Any], split: str, categories: CategoryMap | N
     else:
         exists = lambda f: os.path.isfile(join(images_root, f))  # noqa: E731
     records, cats, report = load_coco_records(
-        coco, image_exists=exists, missing_images=data_cfg["missing_images"], categories=categories)
+        coco, image_exists=exists, missing_images=data.missing_images, categories=categories)
     report.source = ann_uri
     for r in records:
         r["path"] = join(images_root, r["file_name"])
@@ -93,8 +100,7 @@ def records_dataset(records: list[dict[str, Any]]) -> ray.data.Dataset:
     return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
 
 
-def decode_batch(batch: dict[str, np.ndarray], s3: dict[str, Any], train: bool,
-                 augment: dict[str, Any]) -> dict[str, Any]:
+def decode_batch(batch: dict[str, np.ndarray], s3: S3Config, train: bool, augment: AugmentConfig) -> dict[str, Any]:
     """Read, decode and augment a batch of records. An unreadable image is dropped with a
     warning naming it; the epoch goes on."""
     out: dict[str, list] = {k: [] for k in ("image_id", "file_name", "image", "target")}
@@ -112,11 +118,11 @@ def decode_batch(batch: dict[str, np.ndarray], s3: dict[str, Any], train: bool,
             continue
         anns = json.loads(batch["annotations"][i])
         if train:
-            if random.random() < augment["hflip_prob"]:
+            if random.random() < augment.hflip_prob:
                 image, anns = horizontal_flip(image, anns)
-            if augment["scales"]:
-                size = random.choice(list(augment["scales"]))
-                image, anns = resize_shorter_side(image, anns, size, augment["max_size"])
+            if augment.scales:
+                size = random.choice(list(augment.scales))
+                image, anns = resize_shorter_side(image, anns, size, augment.max_size)
         out["image_id"].append(int(batch["image_id"][i]))
         out["file_name"].append(str(batch["file_name"][i]))
         out["image"].append(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -129,15 +135,15 @@ def decode_batch(batch: dict[str, np.ndarray], s3: dict[str, Any], train: bool,
     }
 
 
-def image_dataset(split: Split, data_cfg: dict[str, Any], train: bool) -> ray.data.Dataset:
+def image_dataset(split: Split, data: DataConfig, train: bool) -> ray.data.Dataset:
     """The streaming dataset of decoded (and, for training, augmented) images of a split."""
     ds = records_dataset(split.records)
     if train:
         ds = ds.randomize_block_order()  # cheap per-epoch reshuffle; workers add a local buffer
     return ds.map_batches(
-        decode_batch, batch_size=data_cfg["decode_batch_size"],
-        compute=ray.data.TaskPoolStrategy(size=data_cfg["decode_concurrency"]),
-        fn_kwargs={"s3": data_cfg["s3"], "train": train, "augment": data_cfg["augment"]},
+        decode_batch, batch_size=data.decode_batch_size,
+        compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency),
+        fn_kwargs={"s3": data.s3, "train": train, "augment": data.augment},
     )
 
 
@@ -176,7 +182,7 @@ class IdleThrottle(ExecutionCallback):
         self.pause_s = min(2 * self.pause_s, self.LONGEST_S)
 
 
-class ExactSplitDataConfig(DataConfig):
+class ExactSplitDataConfig(RayDataConfig):
     """Shards every dataset with `streaming_split(equal=False)`: each image exactly once per
     epoch across the workers, a faster worker taking more. (Ray Train's default, `equal=True`,
     may drop rows to even the shards.) The ranks still step together: see `train_one_epoch`."""

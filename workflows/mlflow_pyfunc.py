@@ -41,8 +41,7 @@ class MaskRCNNModel(PythonModel):
         from mrcnn.segment import ROW_FIELDS, segment_encoded
 
         params = {**DEFAULT_PARAMS, **(params or {})}
-        self.model.cfg.roi_heads.score_thresh = float(params["score_threshold"])
-        self.model.cfg.roi_heads.detections_per_img = int(params["max_detections"])
+        self.model.set_detection_limits(params["score_threshold"], params["max_detections"])
         items = [_image_bytes(model_input, i) for i in range(len(model_input))]
         rows = segment_encoded(self.model, items, self.labels, self.device)
         return pd.DataFrame(rows, columns=list(ROW_FIELDS), dtype=object)

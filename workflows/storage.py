@@ -10,10 +10,23 @@ import posixpath
 import secrets
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import pyarrow.fs as pafs
+
+
+@dataclass
+class S3Config:
+    """pyarrow S3 settings for every s3:// URI of a job (data, output_dir, infer's input and
+    output); a key left unset comes from the AWS environment / files, as for the AWS CLI."""
+
+    endpoint_override: Optional[str] = None
+    region: Optional[str] = None
+    access_key: Optional[str] = None
+    secret_key: Optional[str] = None
+    anonymous: bool = False
 
 
 def is_s3(uri: str) -> bool:
@@ -36,23 +49,23 @@ def join(root: str, path: str) -> str:
     return absolute(out)
 
 
-def s3_options(s3: dict[str, Any] | None) -> dict[str, Any]:
+def s3_options(s3: S3Config | None) -> dict[str, Any]:
     """pyarrow S3FileSystem arguments from the `data.s3` settings; an unset key falls back to the
     AWS environment as the AWS CLI reads it (`AWS_ENDPOINT_URL(_S3)`, `AWS_REGION` /
     `AWS_DEFAULT_REGION`; credentials from `AWS_ACCESS_KEY_ID`... or the AWS files)."""
-    s3 = s3 or {}
+    s3 = s3 or S3Config()
     env = os.environ
     kwargs: dict[str, Any] = {
-        "region": s3.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"}
-    endpoint = s3.get("endpoint_override") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        "region": s3.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    endpoint = s3.endpoint_override or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         if endpoint.startswith("http://"):
             kwargs["scheme"] = "http"
-    if s3.get("anonymous"):
+    if s3.anonymous:
         kwargs["anonymous"] = True
-    if s3.get("access_key"):
-        kwargs["access_key"], kwargs["secret_key"] = s3["access_key"], s3.get("secret_key")
+    if s3.access_key:
+        kwargs["access_key"], kwargs["secret_key"] = s3.access_key, s3.secret_key
     return kwargs
 
 
@@ -60,7 +73,7 @@ def s3_options(s3: dict[str, Any] | None) -> dict[str, Any]:
 _CACHE: dict[str, pafs.FileSystem] = {}
 
 
-def filesystem(uri: str, s3: dict[str, Any] | None = None) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an s3:// URI."""
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(Path(uri).resolve())
@@ -71,7 +84,7 @@ def filesystem(uri: str, s3: dict[str, Any] | None = None) -> tuple[pafs.FileSys
     return _CACHE[key], uri[len("s3://"):]
 
 
-def ray_storage(uri: str, s3: dict[str, Any] | None = None) -> tuple[str, pafs.FileSystem | None]:
+def ray_storage(uri: str, s3: S3Config | None = None) -> tuple[str, pafs.FileSystem | None]:
     """`storage_path` and `storage_filesystem` for Ray Train's and Tune's RunConfig: a local
     folder as it is; an s3:// URI as its path inside the S3 filesystem of the job's settings."""
     if not is_s3(uri):
@@ -91,7 +104,7 @@ def fs_uri(fs: pafs.FileSystem, path: str) -> str:
     return f"s3://{path}" if fs.type_name == "s3" else path
 
 
-def read_bytes(uri: str, s3: dict[str, Any] | None = None) -> bytes:
+def read_bytes(uri: str, s3: S3Config | None = None) -> bytes:
     fs, path = filesystem(uri, s3)
     try:
         with fs.open_input_stream(path) as f:
@@ -104,7 +117,7 @@ def read_bytes(uri: str, s3: dict[str, Any] | None = None) -> bytes:
         raise
 
 
-def list_files(uri: str, s3: dict[str, Any] | None = None, recursive: bool = True,
+def list_files(uri: str, s3: S3Config | None = None, recursive: bool = True,
                suffixes: tuple[str, ...] = ()) -> list[str]:
     """The files under a folder or prefix as full paths or URIs, sorted, in one listing (not one
     call a file); with `suffixes`, only names ending in one of them (case-insensitive). A
@@ -116,14 +129,14 @@ def list_files(uri: str, s3: dict[str, Any] | None = None, recursive: bool = Tru
                   and (not suffixes or i.path.lower().endswith(suffixes)))
 
 
-def exists(uri: str, s3: dict[str, Any] | None = None) -> str | None:
+def exists(uri: str, s3: S3Config | None = None) -> str | None:
     """"file", "folder", or None when nothing is there."""
     fs, path = filesystem(uri, s3)
     kind = fs.get_file_info(path).type
     return {pafs.FileType.File: "file", pafs.FileType.Directory: "folder"}.get(kind)
 
 
-def write_bytes(uri: str, data: bytes, s3: dict[str, Any] | None = None) -> None:
+def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
     fs, path = filesystem(uri, s3)
     with whole_file(fs, path) as f:
         f.write(data)
@@ -149,12 +162,12 @@ def whole_file(fs: pafs.FileSystem, path: str) -> Iterator[Any]:
         fs.move(target, path)
 
 
-def remove(uri: str, s3: dict[str, Any] | None = None) -> None:
+def remove(uri: str, s3: S3Config | None = None) -> None:
     fs, path = filesystem(uri, s3)
     fs.delete_file(path)
 
 
-def check_writable(uri: str, key: str, s3: dict[str, Any] | None = None) -> None:
+def check_writable(uri: str, key: str, s3: S3Config | None = None) -> None:
     """Write 4 KiB to a new file under `uri` (a folder or prefix) and delete it, or raise naming
     the key: checkpoints go there, and a full disk or a bucket without write access should stop
     the job before any work."""
@@ -176,7 +189,7 @@ def check_writable(uri: str, key: str, s3: dict[str, Any] | None = None) -> None
 
 
 @contextlib.contextmanager
-def local_file(uri: str, s3: dict[str, Any] | None = None) -> Iterator[str]:
+def local_file(uri: str, s3: S3Config | None = None) -> Iterator[str]:
     """A local path to read `uri` from: a local file as it is, an object downloaded to a
     temporary file (removed on leaving)."""
     if not is_s3(uri):
@@ -190,7 +203,7 @@ def local_file(uri: str, s3: dict[str, Any] | None = None) -> Iterator[str]:
         yield local
 
 
-def upload_folder(folder: str | os.PathLike, uri: str, s3: dict[str, Any] | None = None) -> None:
+def upload_folder(folder: str | os.PathLike, uri: str, s3: S3Config | None = None) -> None:
     """Copy a local folder's files to `uri` (a folder or prefix)."""
     fs, path = filesystem(uri, s3)
     pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

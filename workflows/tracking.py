@@ -18,7 +18,8 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
-from workflows.config import NO_SQLITE_IN_OBJECT_STORAGE
+from workflows.checks import tracking_store_error
+from workflows.config import TrackingConfig
 
 # Throughput and waiting: the UI's system/ section, beside MLflow's own system metrics.
 SYSTEM_METRICS = ("images_per_s", "data_wait_s", "data_wait_share", "step_s")
@@ -53,20 +54,25 @@ def fluent_api_at(uri: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (None for a server)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def mlflow_client(uri: str) -> MlflowClient:
     """A client whose registry is the tracking server too (never a registry URI left in the
     environment by an earlier `mlflow.set_registry_uri`)."""
-    if uri.startswith("sqlite:///") and uri not in _READY_STORES:
-        _create_sqlite_store(uri)
+    db = sqlite_path(uri)
+    if db is not None and uri not in _READY_STORES:
+        _create_sqlite_store(uri, db)
     return MlflowClient(uri, registry_uri=uri)
 
 
-def _create_sqlite_store(uri: str) -> None:
+def _create_sqlite_store(uri: str, db: Path) -> None:
     """Two jobs starting at once on a new SQLite store would both run its schema migrations, and
     one fails: the store is created under a file lock beside it, the other job waits."""
     import fcntl
 
-    db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{db}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -108,13 +114,14 @@ def ui_link(uri: str, run_id: str | None = None) -> str:
     return f"mlflow ui --backend-store-uri {uri}, then {page}" if uri.startswith("sqlite") else page
 
 
-def resolve_tracking_uri(tracking: dict[str, Any], output_dir: str) -> str:
-    """Always absolute: a relative sqlite path would split across Ray workers' directories."""
-    uri = tracking.get("tracking_uri")
-    if uri:
-        return uri
-    if "://" in output_dir:
-        raise ValueError(NO_SQLITE_IN_OBJECT_STORAGE.format(output_dir=output_dir))
+def resolve_tracking_uri(tracking: TrackingConfig, output_dir: str) -> str:
+    """`tracking.tracking_uri`, else the SQLite file under `output_dir`: always absolute, since a
+    relative sqlite path would split across Ray workers' directories."""
+    if tracking.tracking_uri:
+        return tracking.tracking_uri
+    error = tracking_store_error(output_dir, tracking.tracking_uri)
+    if error:
+        raise ValueError(error)
     db = (Path(output_dir) / "mlflow.db").resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
@@ -138,9 +145,8 @@ def experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
     else:
         # With a SQLite store, artifacts live beside the database (not in ./mlruns of whatever
         # directory the job happened to start in); a server picks its own artifact root.
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        db = sqlite_path(uri)
+        location = (db.parent / "mlartifacts").as_uri() if db is not None else None
         # The UI opens an experiment of this kind in its model-training view, not the GenAI one.
         try:
             exp_id = client.create_experiment(experiment, artifact_location=location,
@@ -159,11 +165,12 @@ def run_exists(client: MlflowClient, experiment: str, run_name: str) -> bool:
                                            max_results=1))
 
 
-def start_or_resume_run(uri: str, experiment: str, run_name: str, cfg: dict[str, Any],
-                        tags: dict[str, str] | None = None) -> str:
-    """The run tagged with this run name (a rerun resumes it), or a new one with `cfg` logged
-    as params and config.yaml. Returns its id. `tags` go on a new run (e.g. the sweep's
-    `mlflow.parentRunId`)."""
+def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict[str, Any],
+                        tags: dict[str, str] | None = None, derived: dict[str, Any] | None = None) -> str:
+    """The run tagged with this run name (a rerun resumes it), or a new one recording `config`
+    (the config as the user composed it) as params and config.yaml, and `derived` (what the job
+    derived from it, by the key each completes) as `derived.` params and derived.yaml. Returns
+    its id. `tags` go on a new run (e.g. the sweep's `mlflow.parentRunId`)."""
     client = mlflow_client(uri)
     exp_id = experiment_id(client, uri, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.ray_run_name = '{run_name}'", max_results=1)
@@ -172,14 +179,16 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, cfg: dict[str,
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=run_name, tags={"ray_run_name": run_name, **(tags or {})})
     run_id = run.info.run_id
-    params = flatten(cfg)
-    items = list(params.items())
+    derived = {k: v for k, v in (derived or {}).items() if v is not None}
+    items = list({**flatten(config), **{f"derived.{k}": str(v)[:6000] for k, v in derived.items()}}.items())
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
     with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "config.yaml"
-        p.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        client.log_artifact(run_id, str(p))
+        for name, content in (("config.yaml", config), ("derived.yaml", derived)):
+            if content:
+                p = Path(tmp) / name
+                p.write_text(yaml.safe_dump(content, sort_keys=False))
+                client.log_artifact(run_id, str(p))
     return run_id
 
 

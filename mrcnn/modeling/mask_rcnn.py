@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -29,7 +30,9 @@ class MaskRCNN(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cfg.validate()
-        self.cfg = cfg
+        # The model's own copy: detection limits change here, never in the caller's config.
+        self.cfg = copy.deepcopy(cfg)
+        cfg = self.cfg
         self.transform = ImageTransform(cfg.transform)
         self.backbone = build_backbone(cfg.backbone, max_input_side=self.transform.max_batch_side)
         anchors = AnchorGenerator(cfg.anchors.sizes, cfg.anchors.aspect_ratios)
@@ -39,6 +42,13 @@ class MaskRCNN(nn.Module):
         if cfg.backbone.channels_last:  # the RPN and mask heads' convolutions too (the backbone is already)
             self.rpn.to(memory_format=torch.channels_last)
             self.roi_heads.to(memory_format=torch.channels_last)
+
+    def set_detection_limits(self, score_threshold: float, max_detections: int) -> MaskRCNN:
+        """Detections kept at inference: score above `score_threshold`, at most `max_detections`
+        per image (masks are computed only for those)."""
+        self.cfg.roi_heads.score_thresh = float(score_threshold)
+        self.cfg.roi_heads.detections_per_img = int(max_detections)
+        return self
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Any]] | None = None

@@ -32,7 +32,7 @@ def uneven_rank(rank: int, world: int, port: int, shares: list[list[int]], out: 
     import torch.distributed as dist
 
     from mrcnn import ModelConfig, build_model
-    from workflows.engine import Progress, train_one_epoch
+    from workflows.training.steps import Progress, train_one_epoch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

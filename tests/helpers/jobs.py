@@ -1,24 +1,19 @@
-"""Composing small job configs for the tests."""
+"""Composing small job configs for the tests: typed, as a job's entry makes them."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from helpers.servers import empty_mlflow_store
-from workflows.config import CONF_DIR, register_configs, to_container
-
-register_configs()
+from tests.helpers.servers import empty_mlflow_store
+from workflows.config import JobConfig, compose_config
 
 
-def compose_job(overrides: list[str]) -> dict:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_container(compose(config_name="config", overrides=overrides))
+def compose_job(overrides: list[str]) -> JobConfig:
+    return compose_config(overrides)
 
 
-def tiny(out: Path | str, root: Path, *extra: str) -> dict:
+def tiny(out: Path | str, root: Path, *extra: str) -> JobConfig:
     """A job on 64-pixel images, 2 a batch, logging every step. Its default SQLite store (when
     `out` is a writable folder) starts as a copy of an empty one (`empty_mlflow_store`)."""
     if not str(out).startswith("s3://"):

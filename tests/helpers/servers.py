@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-from helpers.processes import kill, stopped_after, tree
+from tests.helpers.processes import kill, stopped_after, tree
 
 BIN = Path(sys.executable).parent
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from workflows.storage import exists, filesystem, is_s3, list_files
+from workflows.storage import S3Config, exists, filesystem, is_s3, list_files
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +26,20 @@ SCHEMA = pa.schema([
     ("labels", pa.list_(pa.int64())),  # the dataset's category ids
     ("category_names", pa.list_(pa.string())),
     ("masks", pa.list_(RLE)),  # COCO compressed RLE
-    ("model", pa.string()),  # the URI the job was given
-    ("model_version", pa.string()),  # the registry version it resolved to (or the path)
+    ("model", pa.string()),  # the model URI loaded (an alias pinned: models:/NAME/VERSION) or its path
+    ("model_version", pa.string()),  # the registry version (null for a model outside the registry)
     ("error", pa.string()),  # null when fine
 ])
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 
 
-def list_inputs(infer: dict[str, Any], s3: dict[str, Any]) -> pa.Array:
-    """The input URIs as one Arrow string array (compact: no Python object per path). A folder
-    or prefix is walked recursively and filtered by extension (case-insensitive); a manifest
-    gives its `path` column."""
-    src = infer["input"]
+def list_inputs(src: str, extensions: list[str], s3: S3Config) -> pa.Array:
+    """The input URIs of `src` (infer.input) as one Arrow string array (compact: no Python object
+    per path). A folder or prefix is walked recursively and filtered by `extensions`
+    (case-insensitive); a manifest gives its `path` column."""
     if input_kind(src, s3) == "manifest":
         return read_manifest(src, s3)
-    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in infer["extensions"])
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     paths = pa.array(list_files(src, s3, suffixes=exts), pa.string())
     if len(paths) == 0:
         raise FileNotFoundError(f"infer.input: no files ending in {', '.join(exts)} under {src} "
@@ -49,7 +47,7 @@ def list_inputs(infer: dict[str, Any], s3: dict[str, Any]) -> pa.Array:
     return paths
 
 
-def input_kind(src: str, s3: dict[str, Any]) -> str:
+def input_kind(src: str, s3: S3Config) -> str:
     """"folder" or "manifest"; raises naming infer.input when it does not exist."""
     kind = exists(src, s3)
     if kind is None:
@@ -57,7 +55,7 @@ def input_kind(src: str, s3: dict[str, Any]) -> str:
     return "manifest" if kind == "file" else "folder"
 
 
-def read_manifest(uri: str, s3: dict[str, Any]) -> pa.Array:
+def read_manifest(uri: str, s3: S3Config) -> pa.Array:
     """A .txt (one path a line), .csv or .parquet (a `path` column) manifest of local paths or
     s3:// URIs; relative local paths are relative to the manifest's folder."""
     if not uri.lower().endswith(MANIFEST_SUFFIXES):
@@ -84,12 +82,12 @@ def read_manifest(uri: str, s3: dict[str, Any]) -> pa.Array:
     return pa.array(out, pa.string())
 
 
-def output_files(output: str, s3: dict[str, Any]) -> list[str]:
+def output_files(output: str, s3: S3Config) -> list[str]:
     """The Parquet files of the output folder, as paths inside its filesystem."""
     return [filesystem(f, s3)[1] for f in list_files(output, s3, recursive=False, suffixes=(".parquet",))]
 
 
-def prepare_output(output: str, s3: dict[str, Any], retry_errors: bool) -> pa.Array:
+def prepare_output(output: str, s3: S3Config, retry_errors: bool) -> pa.Array:
     """Make the output folder consistent and return the paths already done.
 
     A file that cannot be read (a write cut short by a crash) is removed: its rows were never

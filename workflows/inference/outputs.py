@@ -18,7 +18,7 @@ import torch
 from mrcnn.data.images import decode_image
 from mrcnn.masks import decode_rle_masks
 from mrcnn.visualization import draw_predictions
-from workflows.storage import filesystem, read_bytes, to_uri
+from workflows.storage import S3Config, filesystem, read_bytes, to_uri, whole_file
 
 
 @dataclass
@@ -55,17 +55,18 @@ def summarize(files: list[str], fs: pafs.FileSystem, seconds: float) -> Summary:
     return s
 
 
-def write_coco_results(infer: dict[str, Any], files: list[str], fs: pafs.FileSystem, s3: dict[str, Any],
+def write_coco_results(annotations: str, source: str, files: list[str], fs: pafs.FileSystem, s3: S3Config,
                        out: str) -> int:
-    """Every detection of the output as COCO results, image ids from `infer.coco_annotations`
-    matched by file name (the path under the input folder, else the base name)."""
-    coco = json.loads(read_bytes(infer["coco_annotations"], s3))
+    """Every detection of the output as COCO results, image ids from `annotations`
+    (infer.coco_annotations) matched by file name (the path under the input folder `source`,
+    else the base name). Returns the number of detections written."""
+    coco = json.loads(read_bytes(annotations, s3))
     by_name = {im["file_name"]: im["id"] for im in coco["images"]}
     by_base = {posixpath.basename(k): v for k, v in by_name.items()}
-    root = infer["input"].rstrip("/") + "/"
+    root = source.rstrip("/") + "/"
     n = 0
     ofs, opath = filesystem(out, s3)
-    with ofs.open_output_stream(opath) as f:
+    with whole_file(ofs, opath) as f:
         f.write(b"[")
         for row in iter_rows(files, fs, ["path", "boxes", "scores", "labels", "masks", "error"]):
             if row["error"] is not None:
@@ -90,18 +91,19 @@ def safe_name(path: str, root: str) -> str:
     return (name or "image")[:180]
 
 
-def write_overlays(infer: dict[str, Any], files: list[str], fs: pafs.FileSystem, s3: dict[str, Any],
+def write_overlays(count: int, source: str, files: list[str], fs: pafs.FileSystem, s3: S3Config,
                    folder: str) -> list[str]:
-    """Overlay PNGs for the first `infer.overlays` images without error (in path order)."""
+    """Overlay PNGs for the first `count` (infer.overlays) images without error, in path order;
+    named after their path under the input folder `source`."""
     rows = []
     columns = ["path", "boxes", "scores", "labels", "category_names", "masks", "error", "width", "height"]
     for row in iter_rows(files, fs, columns):
         if row["error"] is None:
             rows.append(row)
-    rows = sorted(rows, key=lambda r: r["path"])[: infer["overlays"]]
+    rows = sorted(rows, key=lambda r: r["path"])[:count]
     ofs, opath = filesystem(folder, s3)
     ofs.create_dir(opath, recursive=True)
-    root = infer["input"].rstrip("/") + "/"
+    root = source.rstrip("/") + "/"
     written = []
     for row in rows:
         image = decode_image(read_bytes(row["path"], s3), row["path"])
@@ -116,7 +118,7 @@ def write_overlays(infer: dict[str, Any], files: list[str], fs: pafs.FileSystem,
         target = posixpath.join(opath, safe_name(row["path"], root) + ".png")
         buf = io.BytesIO()
         picture.save(buf, format="PNG")
-        with ofs.open_output_stream(target) as f:
+        with whole_file(ofs, target) as f:
             f.write(buf.getvalue())
         written.append(to_uri(target, folder))
     return written

@@ -5,7 +5,6 @@ be read or decoded becomes a row with `error` set; the job goes on."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -13,31 +12,33 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
-from mrcnn.data.images import ImageDecodeError, decode_image
-from mrcnn.segment import ROW_FIELDS, error_row, segment_images
-from workflows.allocator import reuse_large_blocks
-from workflows.engine import set_detection_limits
+from mrcnn.segment import ROW_FIELDS, decode_or_error, segment_decoded
+from workflows.config import InferConfig
 from workflows.inference.inputs import SCHEMA
-from workflows.registry import load_model
-from workflows.storage import read_bytes
+from workflows.logged_model import load_model
+from workflows.registry import ResolvedModel
+from workflows.runtime.allocator import reuse_large_blocks
+from workflows.storage import S3Config, read_bytes
 
 
-def path_blocks(paths: pa.Array, infer: dict[str, Any]) -> ray.data.Dataset:
-    """A dataset of `path` in blocks of `infer.rows_per_file`: work streams through the stages and
-    reaches the disk as it goes (one block of the whole listing would be written at the end)."""
-    n = infer["rows_per_file"]
+def path_blocks(paths: pa.Array, rows_per_block: int) -> ray.data.Dataset:
+    """A dataset of `path` in blocks of `rows_per_block` (infer.rows_per_file): work streams
+    through the stages and reaches the disk as it goes (one block of the whole listing would be
+    written at the end)."""
+    n = rows_per_block
     return ray.data.from_arrow([pa.table({"path": paths.slice(i, n)}) for i in range(0, len(paths), n)])
 
 
-def read_and_decode(paths: list[str], s3: dict[str, Any], max_pixels: int, pool: ThreadPoolExecutor | None
+def read_and_decode(paths: list[str], s3: S3Config, max_pixels: int, pool: ThreadPoolExecutor | None
                     ) -> list[tuple[np.ndarray | None, str | None]]:
     """(image, None) or (None, error message) for each path: a file that cannot be read or
     decoded fails alone."""
     def one(path: str) -> tuple[np.ndarray | None, str | None]:
         try:
-            return decode_image(read_bytes(path, s3), path, max_pixels=max_pixels), None
-        except (ImageDecodeError, OSError, ValueError) as e:
+            data = read_bytes(path, s3)
+        except OSError as e:
             return None, str(e) or type(e).__name__
+        return decode_or_error(data, path, max_pixels)
 
     return list(pool.map(one, paths)) if pool else [one(p) for p in paths]
 
@@ -48,44 +49,40 @@ class Predictor:
     images never pass through Ray's object store, whose pages a reader keeps mapped (its
     resident memory grew by one image per image when another stage decoded)."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, version: str, infer: dict[str, Any], s3: dict[str, Any]):
-        if infer["torch_threads"]:
-            torch.set_num_threads(infer["torch_threads"])
+    def __init__(self, model: ResolvedModel, tracking_uri: str, infer: InferConfig, s3: S3Config):
+        if infer.torch_threads:
+            torch.set_num_threads(infer.torch_threads)
         reuse_large_blocks()
-        loaded = load_model(model_uri, tracking_uri)
-        self.device = torch.device("cuda" if infer["num_gpus"] > 0 and torch.cuda.is_available() else "cpu")
-        self.model = set_detection_limits(loaded.model, infer["score_threshold"], infer["max_detections"])
+        loaded = load_model(model.uri, tracking_uri)
+        self.device = torch.device("cuda" if infer.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.model = loaded.model.set_detection_limits(infer.score_threshold, infer.max_detections)
         self.model.eval().to(self.device)
         self.labels = loaded.labels
-        self.uri, self.version = model_uri, version
-        self.s3, self.max_pixels = s3, infer["max_pixels"]
+        # The `model` column holds the URI loaded (an alias pinned to its version), `model_version`
+        # the registry version (null for a model outside the registry).
+        self.uri, self.version = model.uri, model.version
+        self.s3, self.max_pixels = s3, infer.max_pixels
         # Reading and decoding release the GIL: threads overlap them (object-store latency,
         # large JPEGs feeding a GPU).
-        self.pool = ThreadPoolExecutor(infer["decode_threads"]) if infer["decode_threads"] > 1 else None
+        self.pool = ThreadPoolExecutor(infer.decode_threads) if infer.decode_threads > 1 else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         paths = batch.column("path").to_pylist()
         decoded = read_and_decode(paths, self.s3, self.max_pixels, self.pool)
-        good = [i for i, (_, error) in enumerate(decoded) if error is None]
-        rows = [error_row(error) if error else None for _, error in decoded]
-        for i, row in zip(good, segment_images(self.model, [decoded[i][0] for i in good], self.labels, self.device)):
-            rows[i] = row
+        rows = segment_decoded(self.model, decoded, self.labels, self.device)
         columns = {name: [row[name] for row in rows] for name in ROW_FIELDS}
         return pa.Table.from_pydict({"path": paths, **columns, "model": [self.uri] * len(rows),
                                      "model_version": [self.version] * len(rows)}, schema=SCHEMA)
 
 
-def write_rows(ds: ray.data.Dataset, infer: dict[str, Any], s3: dict[str, Any], model_uri: str, tracking_uri: str,
-               version: str, fs: pafs.FileSystem, out_path: str) -> None:
+def write_rows(ds: ray.data.Dataset, infer: InferConfig, model: ResolvedModel, tracking_uri: str, s3: S3Config,
+               fs: pafs.FileSystem, out_path: str) -> None:
     """read + decode + predict (actor pool) -> Parquet files under `out_path`."""
-    ds = ds.map_batches(Predictor, batch_size=infer["batch_size"], batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=infer["concurrency"]),
-                        num_gpus=infer["num_gpus"], num_cpus=infer["cpus_per_actor"],
-                        fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri, "version": version,
-                                               "infer": infer, "s3": s3})
+    ds = ds.map_batches(Predictor, batch_size=infer.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=infer.concurrency),
+                        num_gpus=infer.num_gpus, num_cpus=infer.cpus_per_actor,
+                        fn_constructor_kwargs={"model": model, "tracking_uri": tracking_uri, "infer": infer, "s3": s3})
     # A fraction of a CPU: with a whole one the writes would wait behind the predictors on a
     # small machine, and rows would reach the disk only at the end.
-    ds.write_parquet(out_path, filesystem=fs, schema=SCHEMA, min_rows_per_file=infer["rows_per_file"],
+    ds.write_parquet(out_path, filesystem=fs, schema=SCHEMA, min_rows_per_file=infer.rows_per_file,
                      ray_remote_args={"num_cpus": 0.25})
-
-

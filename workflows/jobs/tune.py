@@ -4,7 +4,7 @@
     mrcnn-tune sweep.name=s1 sweep.scheduler.max_epochs=6 # rerun the same name: the sweep resumes
     mrcnn-tune '+sweep.space.trainer.optimizer.lr={loguniform:[3e-4,3e-3]}'
 
-Every trial is a TorchTrainer built by `workflows.trainer.build_trainer` and fitted inside a Tune
+Every trial is a TorchTrainer built by `workflows.training.trainer.build_trainer` and fitted inside a Tune
 function trainable; its workers report each epoch, and `TuneReportCallback` hands rank 0's
 metrics to Tune (ASHA's clock is the reported `epochs_completed`). MLflow: one parent run per
 sweep, one child run per trial; the best trial's model is registered with `sweep.register_alias`.
@@ -12,12 +12,12 @@ sweep, one child run per trial; the best trial's model is registered with `sweep
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
 import posixpath
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,16 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from mrcnn.checkpoint import load_weights_file
-from workflows.compat import asha_record
-from workflows.config import flatten_space, set_path, training_params
-from workflows.job import Job, new_run_name
-from workflows.registry import DEFAULT_MODEL_NAME, log_model, register_model, run_model_id
-from workflows.storage import join, local_file, ray_storage, to_uri
+from workflows.checks import flatten_space
+from workflows.config import JobConfig, as_dict, training_params, with_values
+from workflows.jobs.frame import Job, new_run_name
+from workflows.jobs.train import starting_point, starting_point_tags
+from workflows.logged_model import log_checkpoint
+from workflows.registry import DEFAULT_MODEL_NAME, register_model, run_model_id
+from workflows.runtime.ray_internals import asha_record
+from workflows.storage import join, ray_storage, to_uri
 from workflows.tracking import log_metrics, mlflow_client, start_or_resume_run
-from workflows.trainer import TrainingData, build_trainer, load_training_data
+from workflows.training.trainer import TrainingData, TrainingRun, build_trainer, load_training_data
 
 TIME_ATTR = "epochs_completed"
 # The trial driver only builds and waits on its TorchTrainer: holding a CPU would deadlock it
@@ -79,32 +81,42 @@ def tune_domain(spec: dict[str, Any]):
     return getattr(tune, kind)(*values)  # uniform / loguniform (low, high)
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], max_epochs: int) -> dict[str, Any]:
-    """The job config of one trial: the swept values set, every epoch evaluated (ASHA compares
-    trials at each epoch)."""
-    cfg = copy.deepcopy(base)
-    for path, value in params.items():
-        set_path(cfg, path, value)
-    cfg["trainer"]["epochs"] = max_epochs
-    cfg["trainer"]["eval_every_epochs"] = 1
-    cfg["trainer"]["checkpoint_every_epochs"] = 1
-    return cfg
+def trial_config(base: JobConfig, params: dict[str, Any], max_epochs: int) -> JobConfig:
+    """The job config of one trial (a new object): the swept values set, every epoch evaluated
+    and checkpointed (ASHA compares trials at each epoch)."""
+    return with_values(base, {**params, "trainer.epochs": max_epochs, "trainer.eval_every_epochs": 1,
+                              "trainer.checkpoint_every_epochs": 1})
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], data: TrainingData, sweep: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Sweep:
+    """What every trial of a sweep is given beside the config: what the sweep's driver derived."""
+
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    max_epochs: int
+    trials_dir: str  # path or URI: each trial's Ray Train run under it, by trial id
+    init_weights: str | None  # trainer.init_weights resolved once for every trial
+    derived: dict[str, Any]  # the sweep's derived values, recorded on every trial's run
+
+
+def run_trial(params: dict[str, Any], base: JobConfig, data: TrainingData, sweep: Sweep) -> None:
     """One trial (runs in a Tune actor that holds no CPU): build and fit the trial's TorchTrainer,
     logging to a child run of the sweep's MLflow run."""
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
-    cfg = trial_config(base, params, sweep["max_epochs"])
-    uri = sweep["tracking_uri"]
+    cfg = trial_config(base, params, sweep.max_epochs)
+    uri = sweep.tracking_uri
     run_id = start_or_resume_run(
-        uri, cfg["tracking"]["experiment"], f"{sweep['name']}-{trial_id}", cfg,
-        tags={"mlflow.parentRunId": sweep["parent_run_id"], "sweep": sweep["name"], "job": "train",
-              "trial_id": trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()}})
+        uri, cfg.tracking.experiment, f"{sweep.name}-{trial_id}", training_params(cfg),
+        tags={"mlflow.parentRunId": sweep.parent_run_id, "sweep": sweep.name, "job": "train",
+              "trial_id": trial_id, **{f"sweep.{k}": str(v) for k, v in params.items()}},
+        derived=sweep.derived)
     # Nested under the sweep's folder with the trial's stable id: a resumed sweep resumes this
     # Train run, and another sweep never does.
-    trainer = build_trainer(cfg, data, run_id, uri, storage_path=sweep["trials_dir"], name=trial_id,
+    training = TrainingRun.of(cfg, data, run_id, uri, sweep.init_weights)
+    trainer = build_trainer(cfg, data, training, storage_path=sweep.trials_dir, name=trial_id,
                             callbacks=[TuneReportCallback()])
     trainer.fit()
     # Nothing after fit(): Tune stops a trial's actor as soon as the trial reports its last
@@ -172,32 +184,34 @@ def plot_metric(rows: list[dict[str, Any]], space: dict[str, Any], metric: str, 
     plt.close(fig)
 
 
-def concurrent_trials(cfg: dict[str, Any], wanted: int) -> int:
+def concurrent_trials(cfg: JobConfig, wanted: int) -> int:
     """At most as many trials as the cluster's CPUs hold: each needs its workers' CPUs plus one
     for its Ray Data decode tasks (more would starve the data pipeline and hang)."""
-    per_trial = cfg["trainer"]["num_workers"] * cfg["trainer"]["cpus_per_worker"] + 1
+    per_trial = cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + 1
     cpus = ray.cluster_resources().get("CPU", 1)
     return max(1, min(wanted, int(cpus // per_trial)))
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
+def run(cfg: JobConfig) -> dict[str, Any]:
     """Run (or resume) the sweep; returns {parent_run_id, best, rows, version, tracking_uri}."""
     with Job(cfg, "sweep") as job:
-        cfg = job.cfg
-        sweep_cfg = cfg["sweep"]
-        space = flatten_space(sweep_cfg["space"])
-        base = training_params(cfg)
-        data = load_training_data(base)
-        max_epochs = sweep_cfg["scheduler"]["max_epochs"] or base["trainer"]["epochs"]
+        sweep_cfg = cfg.sweep
+        space = flatten_space(sweep_cfg.space)
+        data = load_training_data(cfg, job.paths)
+        start = starting_point(cfg.trainer.init_weights, job.tracking_uri)
+        max_epochs = sweep_cfg.scheduler.max_epochs or cfg.trainer.epochs
         job.start_ray()  # with the State API: it frees placement groups of stopped trials
-        name = sweep_cfg["name"] = sweep_cfg["name"] or new_run_name("sweep")
-        parent = job.open_run("sweep", {"sweep": sweep_cfg, **base}, tags={"sweep": name}, name=name)
-        sweeps_dir = join(cfg["output_dir"], "sweeps")
-        sweep_info = {"name": name, "parent_run_id": parent, "tracking_uri": job.tracking_uri,
-                      "max_epochs": max_epochs, "trials_dir": join(sweeps_dir, f"{name}/trials")}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=data, sweep=sweep_info),
+        name = sweep_cfg.name or new_run_name("sweep")
+        derived = {"model.num_classes": data.labels.num_classes, "trainer.init_weights": start and start.uri,
+                   "sweep.name": name, "sweep.scheduler.max_epochs": max_epochs}
+        parent = job.open_run("sweep", {"sweep": as_dict(sweep_cfg), **training_params(cfg)},
+                              tags={"sweep": name, **starting_point_tags(start)}, name=name, derived=derived)
+        sweeps_dir = join(job.paths.output_dir, "sweeps")
+        sweep = Sweep(name, parent, job.tracking_uri, max_epochs, join(sweeps_dir, f"{name}/trials"),
+                      start and start.uri, {**job.paths.labelled(), **derived})
+        trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg, data=data, sweep=sweep),
                                         TRIAL_DRIVER_RESOURCES)
-        storage_path, fs = ray_storage(sweeps_dir, cfg["data"]["s3"])
+        storage_path, fs = ray_storage(sweeps_dir, cfg.data.s3)
         path = posixpath.join(storage_path, name)
         if tune.Tuner.can_restore(path, storage_filesystem=fs):
             print(f"resuming sweep {name} from {join(sweeps_dir, name)}")
@@ -205,31 +219,30 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                        storage_filesystem=fs)
         else:
             scheduler = ResumableASHA(time_attr=TIME_ATTR, max_t=max_epochs,
-                                      grace_period=sweep_cfg["scheduler"]["grace_period"],
-                                      reduction_factor=sweep_cfg["scheduler"]["reduction_factor"])
+                                      grace_period=sweep_cfg.scheduler.grace_period,
+                                      reduction_factor=sweep_cfg.scheduler.reduction_factor)
             tuner = tune.Tuner(
                 trainable,
                 param_space={k: tune_domain(v) for k, v in space.items()},
                 tune_config=tune.TuneConfig(
-                    metric=sweep_cfg["metric"], mode=sweep_cfg["mode"], scheduler=scheduler,
-                    num_samples=sweep_cfg["num_samples"],
-                    max_concurrent_trials=concurrent_trials(base, sweep_cfg["max_concurrent_trials"])),
+                    metric=sweep_cfg.metric, mode=sweep_cfg.mode, scheduler=scheduler,
+                    num_samples=sweep_cfg.num_samples,
+                    max_concurrent_trials=concurrent_trials(cfg, sweep_cfg.max_concurrent_trials)),
                 run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
-                                          verbose=1 if cfg["verbose"] else 0),
+                                          verbose=1 if cfg.verbose else 0),
             )
         results = tuner.fit()
-        return finish_sweep(cfg, results, space, parent, job.tracking_uri, max_epochs, name)
+        return finish_sweep(cfg, results, space, sweep, job.paths.output_dir)
 
 
-def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, name: str) -> dict[str, Any]:
+def finish_sweep(cfg: JobConfig, results, space: dict[str, Any], sweep: Sweep, output_dir: str) -> dict[str, Any]:
     """Tag every child run with how its trial ended; log the summary table, the plot and the
     best metric to the parent; register the best trial's model."""
-    sweep_cfg = cfg["sweep"]
-    metric, mode = sweep_cfg["metric"], sweep_cfg["mode"]
+    metric, mode, parent, uri = cfg.sweep.metric, cfg.sweep.mode, sweep.parent_run_id, sweep.tracking_uri
     client = mlflow_client(uri)
-    rows = summarize(results, space, metric, mode, max_epochs)
+    rows = summarize(results, space, metric, mode, sweep.max_epochs)
     for row in rows:  # Tune reports paths inside the storage's filesystem
-        row["checkpoint"] = row["checkpoint"] and to_uri(row["checkpoint"], like=cfg["output_dir"])
+        row["checkpoint"] = row["checkpoint"] and to_uri(row["checkpoint"], like=output_dir)
     children = {r.data.tags.get("trial_id"): r.info.run_id for r in client.search_runs(
         [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
     for row in rows:
@@ -238,7 +251,7 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
             client.set_tag(child, "sweep.status", row["status"])
             client.set_terminated(child, status="FAILED" if row["status"] == "failed" else "FINISHED")
             if row["checkpoint"] and not run_model_id(client, child):  # a resumed sweep logged it before
-                log_trial_model(uri, child, row["checkpoint"], cfg["data"]["s3"])
+                log_checkpoint(uri, child, row["checkpoint"], cfg.data.s3)
     key = f"best_{metric}"
     ranked = [r for r in rows if r[key] == r[key] and r["checkpoint"]]
     best = (max if mode == "max" else min)(ranked, key=lambda r: r[key]) if ranked else None
@@ -260,10 +273,9 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
                     0)
         client.set_tag(parent, "best_trial", best["trial_id"])
         child = children.get(best["trial_id"])
-        registered = cfg["tracking"]["registered_model"] or DEFAULT_MODEL_NAME
         if child:
-            version = register_model(client, child, registered, sweep_cfg["register_alias"])
-    print_summary(rows, key, best, name, version, cfg, space)
+            version = register_model(client, child, registered_name(cfg), cfg.sweep.register_alias)
+    print_summary(rows, key, best, sweep.name, version, cfg, space)
     if best is not None and version is None:
         raise RuntimeError(f"the best trial {best['trial_id']} has no MLflow run under the sweep's run {parent}: "
                            "nothing registered; its checkpoint is " + str(best["checkpoint"]))
@@ -271,24 +283,20 @@ def finish_sweep(cfg, results, space, parent: str, uri: str, max_epochs: int, na
             "children": children}
 
 
-def log_trial_model(uri: str, run_id: str, checkpoint_dir: str, s3: dict[str, Any]) -> None:
-    """A trial's last checkpoint as its run's logged model, linked to the evaluation of the same
-    step (trials evaluate every epoch)."""
-    with local_file(join(checkpoint_dir, "checkpoint.pt"), s3) as path:
-        payload = load_weights_file(path)
-    log_model(uri, run_id, payload, step=payload.get("step"))
+def registered_name(cfg: JobConfig) -> str:
+    """The registered model the sweep's best trial becomes a version of."""
+    return cfg.tracking.registered_model or DEFAULT_MODEL_NAME
 
 
-def print_summary(rows, key, best, name, version, cfg, space) -> None:
+def print_summary(rows, key, best, name, version, cfg: JobConfig, space) -> None:
     print(f"\nsweep {name}: {len(rows)} trials")
     for r in rows:
         value = f"{r[key]:.3f}" if r[key] == r[key] else "   - "
         params = " ".join(f"{k}={v}" for k, v in r.items() if k in space)
         print(f"  {r['trial_id']}  {key} {value}  epochs {r['epochs']}  {r['status']:13s} {params}")
     if best:
-        registered = cfg["tracking"]["registered_model"] or DEFAULT_MODEL_NAME
-        print(f"best trial {best['trial_id']}: {key} {best[key]:.3f}; registered {registered} version {version} "
-              f"(alias {cfg['sweep']['register_alias']})")
+        print(f"best trial {best['trial_id']}: {key} {best[key]:.3f}; registered {registered_name(cfg)} "
+              f"version {version} (alias {cfg.sweep.register_alias})")
     else:
         print("no trial reported the metric with a checkpoint: nothing registered; see the trials' logs")
     print("compare the trials in the MLflow UI: the sweep's run below, its child runs")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any
 
+from workflows.config import JobConfig, Paths
+from workflows.registry import ModelURI
 from workflows.storage import is_s3
+from workflows.tracking import sqlite_path
 
 WHAT_TO_SET = {
     "output_dir": "an object-store URI (output_dir=s3://bucket/prefix) or a folder every node mounts",
@@ -27,28 +29,28 @@ MODEL_FILE = "a registered model (models:/NAME@ALIAS), an s3:// URI or a file on
 WHAT_TO_SET.update({"trainer.init_weights": MODEL_FILE, "infer.model": MODEL_FILE})
 
 
-def local_paths(cfg: dict[str, Any], kind: str, tracking_uri: str | None) -> dict[str, tuple[str, str, bool]]:
+def local_paths(cfg: JobConfig, paths: Paths, kind: str, tracking_uri: str | None) -> dict[str, tuple[str, str, bool]]:
     """{key: (value as the user gave it, local folder, written)} of the job's local paths."""
-    paths: dict[str, tuple[str, str, bool]] = {}
-    if not is_s3(cfg["output_dir"]):
-        paths["output_dir"] = (cfg["output_dir"], cfg["output_dir"], True)
-    if kind in ("train", "sweep", "evaluate", "promote") and not is_s3(cfg["data"]["root"]):
-        paths["data.root"] = (cfg["data"]["root"], cfg["data"]["root"], False)
-    if tracking_uri and tracking_uri.startswith("sqlite:///"):
-        paths["tracking.tracking_uri"] = (tracking_uri, str(Path(tracking_uri[len("sqlite:///"):]).parent), True)
+    found: dict[str, tuple[str, str, bool]] = {}
+    if not is_s3(paths.output_dir):
+        found["output_dir"] = (cfg.output_dir, paths.output_dir, True)
+    if kind in ("train", "sweep", "evaluate", "promote") and not is_s3(paths.data_root):
+        found["data.root"] = (cfg.data.root, paths.data_root, False)
+    db = sqlite_path(tracking_uri) if tracking_uri else None
+    if db is not None:
+        found["tracking.tracking_uri"] = (tracking_uri, str(db.parent), True)
     # Model files the workers and predictors read: their folder must be the same on every node.
-    models = {"trainer.init_weights": cfg["trainer"]["init_weights"] if kind in ("train", "sweep") else None,
-              "infer.model": cfg.get("infer", {}).get("model") if kind == "infer" else None}
+    models = {"trainer.init_weights": cfg.trainer.init_weights if kind in ("train", "sweep") else None,
+              "infer.model": cfg.infer.model if kind == "infer" else None}
     for key, value in models.items():
-        if value and ":/" not in value:  # not models:/, runs:/ nor s3://
-            paths[key] = (value, str(Path(value).resolve().parent), False)
+        if value and ModelURI.parse(value).kind == "file" and not is_s3(value):
+            found[key] = (value, str(Path(value).resolve().parent), False)
     if kind == "infer":
-        for key, written in (("input", False), ("output", True)):
-            value = cfg["infer"][key]
+        for key, value, written in (("input", paths.infer_input, False), ("output", paths.infer_output, True)):
             if value and not is_s3(value):
                 folder = value if written or Path(value).is_dir() else str(Path(value).parent)  # a manifest's folder
-                paths[f"infer.{key}"] = (value, folder, written)
-    return paths
+                found[f"infer.{key}"] = (getattr(cfg.infer, key), folder, written)
+    return found
 
 
 def _entries(folder: str) -> list[str]:
@@ -77,19 +79,19 @@ def _look(checks: list[tuple[str, str, str]], node: str) -> list[str]:
     return wrong
 
 
-def check_nodes_share_paths(cfg: dict[str, Any], kind: str, tracking_uri: str | None) -> None:
+def check_nodes_share_paths(cfg: JobConfig, paths: Paths, kind: str, tracking_uri: str | None) -> None:
     """Raise ValueError naming each local path some node of the (multi-node) cluster does not
     share with this driver, and what to set instead."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    paths = local_paths(cfg, kind, tracking_uri)
-    if len(nodes) < 2 or not paths:
+    found = local_paths(cfg, paths, kind, tracking_uri)
+    if len(nodes) < 2 or not found:
         return
     token = secrets.token_hex(8)
     checks = []
-    for key, (_, folder, written) in paths.items():
+    for key, (_, folder, written) in found.items():
         if written:
             Path(folder).mkdir(parents=True, exist_ok=True)
             (Path(folder) / f".node-check-{token}").write_text(f"token:{token}")
@@ -114,6 +116,6 @@ def check_nodes_share_paths(cfg: dict[str, Any], kind: str, tracking_uri: str | 
                 for probe in Path(folder).glob(f".node-check-{token}*"):
                     probe.unlink(missing_ok=True)
     if problems:
-        lines = [f"{key}={paths[key][0]} is a local path that node(s) {', '.join(sorted(set(where)))} do not share "
+        lines = [f"{key}={found[key][0]} is a local path that node(s) {', '.join(sorted(set(where)))} do not share "
                  f"with this driver: set {WHAT_TO_SET[key]}" for key, where in problems.items()]
         raise ValueError(f"this job runs on a cluster of {len(nodes)} nodes:\n  " + "\n  ".join(lines))

@@ -1,4 +1,4 @@
-"""The per-worker training procedure run by Ray Train's TorchTrainer.
+"""The per-worker training loop run by Ray Train's TorchTrainer.
 
     setup -> resume -> for each epoch: train_one_epoch, evaluate, log, checkpoint + report
 """
@@ -24,13 +24,15 @@ from mrcnn.checkpoint import load_weights_file, matching_tensors, save_checkpoin
 from mrcnn.data.coco import CategoryMap
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.visualization import draw_side_by_side
-from workflows.allocator import reuse_large_blocks
-from workflows.compat import checkpoint_destination
-from workflows.consoles import quiet_consoles
-from workflows.engine import EpochStats, Predictions, Progress, predict_to_coco, train_one_epoch
-from workflows.registry import initial_weights
+from workflows.config import JobConfig, OptimizerConfig, as_dict
+from workflows.logged_model import initial_weights
+from workflows.runtime.allocator import reuse_large_blocks
+from workflows.runtime.consoles import quiet_consoles
+from workflows.runtime.ray_internals import checkpoint_destination
 from workflows.storage import local_file, read_bytes, whole_file
 from workflows.tracking import RunLogger, metric_key
+from workflows.training.steps import EpochStats, Predictions, Progress, predict_to_coco, train_one_epoch
+from workflows.training.trainer import TrainingRun
 
 
 def say(line: str) -> None:
@@ -40,33 +42,34 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def lr_factor(step: float, total: int, opt: dict[str, Any]) -> float:
+def lr_factor(step: float, total: int, opt: OptimizerConfig) -> float:
     """Linear warmup from warmup_factor, then x gamma at each milestone (fractions of `total`).
     `step`: planned steps done (images trained on / the global batch)."""
     factor = 1.0
-    if step < opt["warmup_steps"]:
-        alpha = step / max(1, opt["warmup_steps"])
-        factor = opt["warmup_factor"] * (1 - alpha) + alpha
-    passed = sum(1 for m in opt["milestones"] if step >= int(m * total))
-    return factor * opt["gamma"] ** passed
+    if step < opt.warmup_steps:
+        alpha = step / max(1, opt.warmup_steps)
+        factor = opt.warmup_factor * (1 - alpha) + alpha
+    passed = sum(1 for m in opt.milestones if step >= int(m * total))
+    return factor * opt.gamma ** passed
 
 
-def make_optimizer(model: torch.nn.Module, opt: dict[str, Any], total_batch: int) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig, total_batch: int) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = opt["lr"] * total_batch / opt["base_batch_size"]  # linear scaling rule
+    lr = opt.lr * total_batch / opt.base_batch_size  # linear scaling rule
     # One fused kernel over all parameters instead of a few ops per parameter: AdamW's step
     # went from 43 to 18 ms for r18_fpn_small on 2 CPU cores (8 % of a training step).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    if opt["name"] == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=opt["weight_decay"], fused=fused)
-    return torch.optim.SGD(params, lr=lr, momentum=opt["momentum"], weight_decay=opt["weight_decay"], fused=fused)
+    if opt.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=opt.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay, fused=fused)
 
 
 @dataclass
 class Worker:
     """What one training worker holds."""
 
-    cfg: dict[str, Any]
+    cfg: JobConfig
+    run: TrainingRun
     labels: CategoryMap
     rank: int
     world: int
@@ -80,43 +83,42 @@ class Worker:
     total_batch: int
     progress: Progress  # where the schedule is: the images all ranks have trained on
     mlflow: RunLogger | None  # rank 0 only
-    run_id: str
+    ground_truth: Any = None  # the val split's COCO ground truth, parsed at the first evaluation
 
 
-def setup(config: dict[str, Any]) -> Worker:
-    cfg = config["cfg"]
-    trainer_cfg, opt_cfg = cfg["trainer"], cfg["trainer"]["optimizer"]
+def setup(cfg: JobConfig, run: TrainingRun) -> Worker:
+    trainer = cfg.trainer
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg["verbose"]:  # pycocotools' tables, Ray Train's lines: to the worker's log files only
+    if not cfg.verbose:  # pycocotools' tables, Ray Train's lines: to the worker's log files only
         quiet_consoles("")
-    if trainer_cfg["torch_threads"]:
-        torch.set_num_threads(trainer_cfg["torch_threads"])
+    if trainer.torch_threads:
+        torch.set_num_threads(trainer.torch_threads)
     reuse_large_blocks()
-    torch.manual_seed(cfg["seed"] + rank)
+    torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    model = build_model(cfg["model"])
-    if trainer_cfg["init_weights"]:
-        start_from(model, trainer_cfg["init_weights"], config["tracking_uri"], say_it=rank == 0)
+    model = build_model(run.model)
+    if run.init_weights:
+        start_from(model, run.init_weights, run.tracking_uri, say_it=rank == 0)
     model = ray.train.torch.prepare_model(model)
     core = getattr(model, "module", model)
-    total_batch = trainer_cfg["batch_size"] * world
-    optimizer = make_optimizer(core, opt_cfg, total_batch)
-    steps_per_epoch = max(1, math.ceil(config["num_train_images"] / total_batch))
-    total_steps = steps_per_epoch * trainer_cfg["epochs"]
-    if trainer_cfg["max_steps"]:
-        total_steps = min(total_steps, trainer_cfg["max_steps"])
+    total_batch = trainer.batch_size * world
+    optimizer = make_optimizer(core, trainer.optimizer, total_batch)
+    steps_per_epoch = max(1, math.ceil(run.num_train_images / total_batch))
+    total_steps = steps_per_epoch * trainer.epochs
+    if trainer.max_steps:
+        total_steps = min(total_steps, trainer.max_steps)
     progress = Progress(total_batch)
     # Read at the images trained on, not at the optimizer steps: a dynamic split may deal a rank
     # more than its share of an epoch, and then every rank makes more steps of fewer images each.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda _: lr_factor(progress.position, total_steps, opt_cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=trainer_cfg["amp"] and device.type == "cuda")
-    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+        optimizer, lambda _: lr_factor(progress.position, total_steps, trainer.optimizer))
+    scaler = torch.amp.GradScaler("cuda", enabled=trainer.amp and device.type == "cuda")
+    logger = RunLogger(run.tracking_uri, run.run_id) if rank == 0 else None
     if rank == 0:
         say(f"{world} worker(s), {torch.get_num_threads()} torch threads each")
-    return Worker(cfg, CategoryMap.from_dict(config["label_map"]), rank, world, device, model, core, optimizer,
-                  scheduler, scaler, total_steps, total_batch, progress, logger, config["run_id"])
+    return Worker(cfg, run, CategoryMap.from_dict(run.label_map), rank, world, device, model, core, optimizer,
+                  scheduler, scaler, total_steps, total_batch, progress, logger)
 
 
 def start_from(model: torch.nn.Module, uri: str, tracking_uri: str, say_it: bool) -> None:
@@ -143,7 +145,7 @@ def resume(w: Worker, unrecorded: tuple[str, int] | None) -> tuple[int, int]:
         with checkpoint.as_directory() as d:
             payload = load_weights_file(Path(d) / "checkpoint.pt")
     if unrecorded and (payload is None or unrecorded[1] > payload["step"]):
-        with local_file(unrecorded[0], w.cfg["data"]["s3"]) as path:
+        with local_file(unrecorded[0], w.cfg.data.s3) as path:
             payload = load_weights_file(path)
         if w.rank == 0:
             say(f"{unrecorded[0]} is newer than any checkpoint Ray Train recorded (its driver stopped first)")
@@ -178,7 +180,7 @@ def last_logged_step(w: Worker, key: str) -> int:
         return -1
     for attempt in range(3):  # the run logger's client fails fast; a busy server may take longer here
         try:
-            history = w.mlflow.client.get_metric_history(w.run_id, metric_key(key))
+            history = w.mlflow.client.get_metric_history(w.run.run_id, metric_key(key))
             return max((m.step for m in history), default=-1)
         except MlflowException:
             if attempt == 2:
@@ -197,7 +199,7 @@ class StepLogger:
 
     def __init__(self, w: Worker, epoch: int, step: int, logged_until: int):
         self.w, self.epoch, self.logged_until = w, epoch, logged_until
-        self.every = w.cfg["trainer"]["log_every_steps"]
+        self.every = w.cfg.trainer.log_every_steps
         self.t0, self.images0 = time.time(), w.progress.images
 
     def __call__(self, step: int, losses: dict[str, float], stats: EpochStats) -> None:
@@ -219,11 +221,11 @@ class StepLogger:
             f"data wait {100 * wait_share:.0f}% ETA {max(eta, 0) / 60:.1f} min")
 
 
-def evaluate(w: Worker, val_shard, config: dict[str, Any], epoch: int) -> dict[str, float]:
+def evaluate(w: Worker, val_shard, epoch: int) -> dict[str, float]:
     """Predict this worker's val shard, gather the COCO results to rank 0 and run COCOeval
     there; rank 0 also logs prediction overlays. Other ranks return {}."""
-    keep = w.cfg["tracking"]["log_images"] if w.rank == 0 else 0
-    batches = val_shard.iter_batches(batch_size=w.cfg["trainer"]["batch_size"], batch_format="numpy")
+    keep = w.cfg.tracking.log_images if w.rank == 0 else 0
+    batches = val_shard.iter_batches(batch_size=w.cfg.trainer.batch_size, batch_format="numpy")
     preds = predict_to_coco(w.core, batches, w.labels, w.device, keep_images=keep)
     if w.world > 1:
         gathered = [None] * w.world if w.rank == 0 else None
@@ -234,9 +236,9 @@ def evaluate(w: Worker, val_shard, config: dict[str, Any], epoch: int) -> dict[s
         for bbox, segm, ids in gathered:
             merged.extend(Predictions(bbox, segm, ids))
         preds = merged
-    if config.get("_gt") is None:  # parsed once per worker process
-        config["_gt"] = coco_ground_truth(json.loads(read_bytes(config["val_annotations"], w.cfg["data"]["s3"])))
-    metrics = preds.evaluate(config["_gt"])
+    if w.ground_truth is None:
+        w.ground_truth = coco_ground_truth(json.loads(read_bytes(w.run.val_annotations, w.cfg.data.s3)))
+    metrics = preds.evaluate(w.ground_truth)
     say(f"epoch {epoch} eval on {len(set(preds.image_ids))} images: " +
           " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("_AP", "AP50"))))
     for image_id, image, target, p in preds.samples:
@@ -252,7 +254,7 @@ def images_skipped(w: Worker, seen: int, expected: int) -> int | None:
     total = torch.tensor([seen], dtype=torch.int64)
     if w.world > 1:
         dist.all_reduce(total)
-    if w.cfg["trainer"]["max_steps"] and int(total) < expected:
+    if w.cfg.trainer.max_steps and int(total) < expected:
         return None
     return expected - int(total)
 
@@ -269,37 +271,37 @@ def save_and_report(w: Worker, metrics: dict[str, float], epoch: int, step: int,
     with whole_file(fs, f"{folder}/checkpoint.pt") as f:
         save_checkpoint(f, w.core, optimizer=w.optimizer.state_dict(), scheduler=w.scheduler.state_dict(),
                         scaler=w.scaler.state_dict(), epoch=epoch, step=step, images_trained=w.progress.images,
-                        label_map=w.labels.to_dict(), config=w.cfg)
+                        label_map=w.labels.to_dict(), config=as_dict(w.cfg))
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint(folder, filesystem=fs), checkpoint_dir_name=name,
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    w = setup(config)
-    trainer_cfg = w.cfg["trainer"]
-    start_epoch, step = resume(w, config["resume_from"])
+def train_loop(cfg: JobConfig, run: TrainingRun) -> None:
+    w = setup(cfg, run)
+    trainer = cfg.trainer
+    start_epoch, step = resume(w, run.resume_from)
     record_worker_nodes(w)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    max_steps = trainer_cfg["max_steps"]
+    max_steps = trainer.max_steps
     steps_logged, epochs_logged = last_logged_step(w, "loss"), last_logged_step(w, "epochs_completed")
-    for epoch in range(start_epoch, trainer_cfg["epochs"]):
+    for epoch in range(start_epoch, trainer.epochs):
         if max_steps and step >= max_steps:
             break
-        batches = iter(train_shard.iter_batches(batch_size=trainer_cfg["batch_size"], batch_format="numpy",
-                                                local_shuffle_buffer_size=4 * trainer_cfg["batch_size"]))
+        batches = iter(train_shard.iter_batches(batch_size=trainer.batch_size, batch_format="numpy",
+                                                local_shuffle_buffer_size=4 * trainer.batch_size))
         step, stats = train_one_epoch(
             w.model, w.optimizer, w.scheduler, w.scaler, batches, w.device, step, w.progress, max_steps,
-            amp=w.scaler.is_enabled(), grad_clip_norm=trainer_cfg["optimizer"]["grad_clip_norm"],
+            amp=w.scaler.is_enabled(), grad_clip_norm=trainer.optimizer.grad_clip_norm,
             on_step=StepLogger(w, epoch, step, steps_logged))
         metrics: dict[str, float] = {"epoch": epoch, "epochs_completed": epoch + 1, "step": step}
         metrics.update({f"epoch_{k}": v for k, v in stats.mean_losses().items()})
-        skipped = images_skipped(w, stats.images, config["num_train_images"])
+        skipped = images_skipped(w, stats.images, run.num_train_images)
         if skipped is not None:
             metrics["images_skipped"] = skipped
-        last = epoch == trainer_cfg["epochs"] - 1 or bool(max_steps and step >= max_steps)
-        if (epoch + 1) % trainer_cfg["eval_every_epochs"] == 0 or last:
-            metrics.update(evaluate(w, val_shard, config, epoch))
+        last = epoch == trainer.epochs - 1 or bool(max_steps and step >= max_steps)
+        if (epoch + 1) % trainer.eval_every_epochs == 0 or last:
+            metrics.update(evaluate(w, val_shard, epoch))
         if w.rank == 0 and step > epochs_logged:
             w.mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
         if w.rank == 0 and last:
@@ -309,4 +311,4 @@ def train_loop(config: dict[str, Any]) -> None:
         elif w.rank == 0:  # in MLflow before the report, after which Tune may stop this trial
             w.mlflow.flush()
         save_and_report(w, metrics, epoch, step,
-                        save=(epoch + 1) % trainer_cfg["checkpoint_every_epochs"] == 0 or last)
+                        save=(epoch + 1) % trainer.checkpoint_every_epochs == 0 or last)

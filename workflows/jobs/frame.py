@@ -1,6 +1,6 @@
 """The frame every job (train, sweep, evaluate, promote, infer) runs inside.
 
-    with Job(cfg, "train") as job:          # paths absolute, validate, tracking checked, logging
+    with Job(cfg, "train") as job:          # validate, job.paths derived, tracking checked, logging
         ...                                 # work that may fail before Ray: nothing is recorded
         job.start_ray()                     # start or join Ray, one way
         run_id = job.open_run("mrcnn", params, tags)   # the MLflow run, opened or resumed by name
@@ -34,10 +34,11 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from workflows.config import validate
-from workflows.consoles import quiet_consoles
-from workflows.node_paths import check_nodes_share_paths
-from workflows.storage import absolute, check_writable, is_s3, join, write_bytes
+from workflows.checks import validate
+from workflows.config import JobConfig, Paths
+from workflows.runtime.consoles import quiet_consoles
+from workflows.runtime.node_paths import check_nodes_share_paths
+from workflows.storage import check_writable, is_s3, join, write_bytes
 from workflows.tracking import (
     check_tracking_server,
     mlflow_client,
@@ -86,10 +87,12 @@ class Tee:
 
 
 class Job:
-    """One job's set-up and end; see the module docstring. `job.cfg` is the prepared config."""
+    """One job's set-up and end; see the module docstring. `job.cfg` is the config as composed
+    (never written to); `job.paths` its locations made absolute."""
 
-    def __init__(self, cfg: dict[str, Any], kind: str):
+    def __init__(self, cfg: JobConfig, kind: str):
         self.cfg, self.kind = cfg, kind
+        self.paths: Paths | None = None
         self.run_id: str | None = None
         self.run_name: str | None = None
         self.tracking_uri: str | None = None
@@ -104,17 +107,12 @@ class Job:
     # -- entering: everything that can fail before Ray starts --------------------------------
 
     def __enter__(self) -> Job:
-        cfg = self.cfg
-        validate(cfg, self.kind)
-        cfg["output_dir"] = absolute(cfg["output_dir"])
-        check_writable(cfg["output_dir"], "output_dir", cfg["data"]["s3"])
-        cfg["data"]["root"] = absolute(cfg["data"]["root"])
-        for key in ("input", "output"):
-            if cfg["infer"][key]:
-                cfg["infer"][key] = absolute(cfg["infer"][key])
+        validate(self.cfg, self.kind)
+        self.paths = Paths.of(self.cfg)
+        check_writable(self.paths.output_dir, "output_dir", self.cfg.data.s3)
         self._setup_logging()
         try:
-            self.tracking_uri = resolve_tracking_uri(cfg["tracking"], cfg["output_dir"])
+            self.tracking_uri = resolve_tracking_uri(self.cfg.tracking, self.paths.output_dir)
             check_tracking_server(self.tracking_uri)
         except BaseException:
             self.__exit__(*sys.exc_info())  # the log keeps the error; the console is the console again
@@ -128,7 +126,7 @@ class Job:
 
     def _setup_logging(self) -> None:
         name = f"{new_run_name(self.kind)}.log"
-        output_dir = self.cfg["output_dir"]
+        output_dir = self.paths.output_dir
         # In object storage the log is written locally and uploaded when the job ends.
         folder = Path(tempfile.mkdtemp(prefix="mrcnn-log-")) if is_s3(output_dir) else Path(output_dir) / "logs"
         folder.mkdir(parents=True, exist_ok=True)
@@ -144,14 +142,14 @@ class Job:
                    for h in root.handlers):
             console = logging.StreamHandler(sys.stderr)
             console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            console.setLevel(logging.INFO if self.cfg["verbose"] else logging.WARNING)
+            console.setLevel(logging.INFO if self.cfg.verbose else logging.WARNING)
             self._handlers.append(console)
         for h in self._handlers:
             root.addHandler(h)
         self._log_copy = open(self.log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
         self._consoles = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = Tee(sys.stdout, self._log_copy), Tee(sys.stderr, self._log_copy)
-        if not self.cfg["verbose"]:  # MLflow's own console: "Creating initial MLflow database tables..."
+        if not self.cfg.verbose:  # MLflow's own console: "Creating initial MLflow database tables..."
             quiet_consoles("mlflow")
         self._levels[""] = root.level
         root.setLevel(logging.INFO)
@@ -168,38 +166,43 @@ class Job:
         that every node shares the job's local paths (`workflows.node_paths`)."""
         import ray
 
+        cfg = self.cfg
         if not ray.is_initialized():
-            address = self.cfg["ray_address"]
             kwargs: dict[str, Any] = {}
-            if address is None:
+            if cfg.ray_address is None:
                 os.environ.setdefault("RAY_worker_niceness", "0")
                 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-                if not self.cfg["verbose"]:
-                    kwargs["runtime_env"] = {"worker_process_setup_hook": "workflows.consoles.quiet_ray_process"}
-            ray.init(address=address, log_to_driver=True,
-                     logging_level=logging.INFO if self.cfg["verbose"] else logging.WARNING, **kwargs)
-        if not self.cfg["verbose"]:
+                if not cfg.verbose:
+                    kwargs["runtime_env"] = {
+                        "worker_process_setup_hook": "workflows.runtime.consoles.quiet_ray_process"}
+            ray.init(address=cfg.ray_address, log_to_driver=True,
+                     logging_level=logging.INFO if cfg.verbose else logging.WARNING, **kwargs)
+        if not cfg.verbose:
             quiet_consoles("ray", "ray.data", "ray.train", "ray.tune")
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = self.kind == "infer"
-        ctx.print_on_execution_start = bool(self.cfg["verbose"])
-        if self.cfg["ray_address"] is None:  # a cluster may add nodes; this machine will not
-            validate(self.cfg, self.kind, cpus=ray.cluster_resources().get("CPU", 0))
-        check_nodes_share_paths(self.cfg, self.kind, self.tracking_uri)
+        ctx.print_on_execution_start = cfg.verbose
+        if cfg.ray_address is None:  # a cluster may add nodes; this machine will not
+            validate(cfg, self.kind, cpus=ray.cluster_resources().get("CPU", 0))
+        check_nodes_share_paths(cfg, self.paths, self.kind, self.tracking_uri)
 
     @property
     def client(self) -> MlflowClient:
         return mlflow_client(self.tracking_uri)
 
     def open_run(self, prefix: str, params: dict[str, Any], tags: dict[str, str] | None = None,
-                 name: str | None = None) -> str:
+                 name: str | None = None, derived: dict[str, Any] | None = None) -> str:
         """The job's MLflow run: `name` resumes the run of that name, or starts it; without
-        one, a new unique name from `prefix`. Its status is set when the job ends."""
+        one, a new unique name from `prefix`. `params`: the part of the composed config the job
+        uses; `derived`: what the job derived, by the key it completes (the paths are added).
+        Its status is set when the job ends."""
+        experiment = self.cfg.tracking.experiment
         self.run_name = name or new_run_name(prefix)
-        while not name and run_exists(self.client, self.cfg["tracking"]["experiment"], self.run_name):
+        while not name and run_exists(self.client, experiment, self.run_name):
             self.run_name = new_run_name(prefix)
-        self.run_id = start_or_resume_run(self.tracking_uri, self.cfg["tracking"]["experiment"], self.run_name,
-                                          params, tags={"job": self.kind, **(tags or {})})
+        self.run_id = start_or_resume_run(self.tracking_uri, experiment, self.run_name, params,
+                                          tags={"job": self.kind, **(tags or {})},
+                                          derived={**self.paths.labelled(), **(derived or {})})
         if self.log_uri is not None:
             self.client.set_tag(self.run_id, "log_file", self.log_uri)
         return self.run_id
@@ -232,7 +235,7 @@ class Job:
         if self.log_file is None or self.log_uri == str(self.log_file):
             return
         try:
-            write_bytes(self.log_uri, self.log_file.read_bytes(), self.cfg["data"]["s3"])
+            write_bytes(self.log_uri, self.log_file.read_bytes(), self.cfg.data.s3)
             shutil.rmtree(self.log_file.parent, ignore_errors=True)
         except OSError as e:
             print(f"WARNING: the job's log stays at {self.log_file}: it could not be uploaded to "

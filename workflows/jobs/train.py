@@ -1,6 +1,6 @@
-"""The training job: Mask R-CNN on Ray Train, tracked in MLflow (`mrcnn-train`).
+"""`mrcnn-train`: Mask R-CNN on Ray Train, tracked in MLflow.
 
-    run(cfg)    # cfg: the composed job config as a plain dict (workflows.config)
+    run(cfg)    # cfg: the typed job config (workflows.config.JobConfig)
 
 A `run_name` names the Ray Train run and the MLflow run: the same name again resumes both from
 the last checkpoint. Without one, each job gets a new unique name.
@@ -13,11 +13,18 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from workflows.config import training_params
-from workflows.job import Job
-from workflows.registry import CANDIDATE, ModelURI, check_model, register_model
-from workflows.storage import join, write_bytes
-from workflows.trainer import TrainingData, build_trainer, checkpoint_file, load_training_data, log_final_model
+from workflows.config import JobConfig, training_params
+from workflows.jobs.frame import Job
+from workflows.registry import CANDIDATE, ResolvedModel, register_model, resolve_model
+from workflows.storage import S3Config, join, write_bytes
+from workflows.training.trainer import (
+    TrainingData,
+    TrainingRun,
+    build_trainer,
+    checkpoint_folder,
+    load_training_data,
+    log_final_model,
+)
 
 
 def log_data_report(client: MlflowClient, run_id: str, data: TrainingData) -> None:
@@ -29,21 +36,20 @@ def log_data_report(client: MlflowClient, run_id: str, data: TrainingData) -> No
         client.set_tag(run_id, f"data.{split.name}_problems", str(sum(split.report.counts.values())))
 
 
-def starting_point(init_weights: str | None, tracking_uri: str) -> tuple[str | None, dict[str, str]]:
-    """The model a fine-tuning run starts from, checked before any Ray work: the URI every
-    worker loads (a registry version pinned, even if its alias moves meanwhile; a file made
-    absolute) and the run's tags `init_weights` and, for a registered model,
-    `init_model_version` (NAME/VERSION)."""
-    if not init_weights:
-        return None, {}
-    resolved = check_model(init_weights, tracking_uri, "trainer.init_weights")
-    ref = ModelURI.parse(init_weights)
-    if ref.kind == "registry":
-        return ref.pinned(resolved), {"init_weights": init_weights, "init_model_version": f"{ref.name}/{resolved}"}
-    return (resolved if ref.kind == "file" else init_weights), {"init_weights": init_weights}
+def starting_point(init_weights: str | None, tracking_uri: str) -> ResolvedModel | None:
+    """The model a fine-tuning run starts from (`trainer.init_weights`), checked before any Ray
+    work; every worker loads its resolved URI."""
+    return resolve_model(init_weights, tracking_uri, "trainer.init_weights") if init_weights else None
 
 
-def report_unlogged(unlogged: list[str], run_id: str, folder: str, s3: dict[str, Any]) -> None:
+def starting_point_tags(start: ResolvedModel | None) -> dict[str, str]:
+    """The run's tags `init_weights` and, for a registered model, `init_model_version`."""
+    if start is None:
+        return {}
+    return {"init_weights": start.given, **({"init_model_version": start.registered} if start.registered else {})}
+
+
+def report_unlogged(unlogged: list[str], run_id: str, folder: str, s3: S3Config) -> None:
     """Name the MLflow writes the workers could not send (the server was away until the end),
     and keep the list beside the run's checkpoints."""
     if not unlogged:
@@ -56,28 +62,27 @@ def report_unlogged(unlogged: list[str], run_id: str, folder: str, s3: dict[str,
         print(f"  {what}")
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
+def run(cfg: JobConfig) -> dict[str, Any]:
     """Train; returns {run_id, tracking_uri, checkpoint (path), version, metrics}."""
     with Job(cfg, "train") as job:
-        cfg = job.cfg
-        data = load_training_data(cfg)
-        init_weights, tags = starting_point(cfg["trainer"]["init_weights"], job.tracking_uri)
+        data = load_training_data(cfg, job.paths)
+        start = starting_point(cfg.trainer.init_weights, job.tracking_uri)
         job.start_ray()
-        run_id = job.open_run("mrcnn", training_params(cfg), tags=tags, name=cfg["run_name"])
-        cfg["trainer"]["init_weights"] = init_weights
-        cfg["run_name"] = job.run_name
+        derived = {"model.num_classes": data.labels.num_classes, "trainer.init_weights": start and start.uri}
+        run_id = job.open_run("mrcnn", training_params(cfg), tags=starting_point_tags(start), name=cfg.run_name,
+                              derived=derived)
         log_data_report(job.client, run_id, data)
-        storage = join(cfg["output_dir"], "ray_results")
-        result = build_trainer(training_params(cfg), data, run_id, job.tracking_uri, storage_path=storage,
-                               name=job.run_name).fit()
+        storage = join(job.paths.output_dir, "ray_results")
+        training = TrainingRun.of(cfg, data, run_id, job.tracking_uri, start and start.uri)
+        result = build_trainer(cfg, data, training, storage_path=storage, name=job.run_name).fit()
         report_unlogged((result.metrics or {}).get("mlflow_unlogged") or [], run_id, join(storage, job.run_name),
-                        cfg["data"]["s3"])
-        registered = cfg["tracking"]["registered_model"]
+                        cfg.data.s3)
+        registered = cfg.tracking.registered_model
         try:
-            checkpoint = log_final_model(job.tracking_uri, run_id, result)
+            checkpoint = log_final_model(job.tracking_uri, run_id, result, cfg.data.s3)
             version = register_model(job.client, run_id, registered) if registered and checkpoint else None
         except MlflowException as e:
-            where = checkpoint_file(result.checkpoint) if result.checkpoint else "none"
+            where = join(checkpoint_folder(result.checkpoint), "checkpoint.pt") if result.checkpoint else "none"
             raise ConnectionError(
                 f"training finished but MLflow at {job.tracking_uri} failed while logging the model "
                 f"({str(e)[:300]}); the final checkpoint is {where} (`infer.model=` and `mrcnn-evaluate` take it "

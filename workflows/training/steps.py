@@ -1,6 +1,7 @@
-"""The shared engine: one training epoch, and predicting a stream of batches into COCO results.
+"""The steps training and evaluation share: one training epoch, and predicting a stream of
+batches into COCO results.
 
-The training loop (per-epoch evaluation), `mrcnn-evaluate` and the sweeps all call these.
+The training loop (its epochs and per-epoch evaluation) and `mrcnn-evaluate` call these.
 """
 
 from __future__ import annotations
@@ -178,14 +179,6 @@ class Predictions:
         metrics = evaluate_coco(ground_truth, {"bbox": self.bbox, "segm": self.segm},
                                 image_ids=sorted(set(self.image_ids)))
         return {f"{t}_{m}": v for t, ms in metrics.items() for m, v in ms.items()}
-
-
-def set_detection_limits(model: torch.nn.Module, score_threshold: float, max_detections: int) -> torch.nn.Module:
-    """Detections kept at inference: score above `score_threshold`, at most `max_detections`
-    per image (masks are computed only for those)."""
-    model.cfg.roi_heads.score_thresh = score_threshold
-    model.cfg.roi_heads.detections_per_img = max_detections
-    return model
 
 
 def predict_to_coco(

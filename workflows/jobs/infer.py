@@ -1,5 +1,5 @@
-"""The batch inference job: segment an image store with a registered or checkpointed model, one
-Parquet row per image (`mrcnn-infer`).
+"""`mrcnn-infer`: segment an image store with a registered or checkpointed model, one Parquet row
+per image.
 
     list the store -> drop inputs already in the output -> the pipeline (workflows.inference) ->
     summary, COCO results and overlays -> an MLflow run
@@ -16,46 +16,48 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from workflows.config import JobConfig, as_dict
 from workflows.inference.inputs import input_kind, list_inputs, output_files, prepare_output
 from workflows.inference.outputs import Summary, summarize, write_coco_results, write_overlays
 from workflows.inference.pipeline import path_blocks, write_rows
-from workflows.job import Job
-from workflows.registry import ModelURI, check_model
+from workflows.jobs.frame import Job
+from workflows.registry import resolve_model
 from workflows.storage import filesystem, is_s3
 from workflows.tracking import log_metrics
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
+def run(cfg: JobConfig) -> dict[str, Any]:
     with Job(cfg, "infer") as job:
-        cfg = job.cfg
-        infer, s3 = cfg["infer"], cfg["data"]["s3"]
-        version = check_model(infer["model"], job.tracking_uri, "infer.model")
-        ref = ModelURI.parse(infer["model"])
-        model_uri = ref.pinned(version) if ref.kind == "registry" else infer["model"]
-        input_kind(infer["input"], s3)
+        infer, s3 = cfg.infer, cfg.data.s3
+        source, output = job.paths.infer_input, job.paths.infer_output
+        model = resolve_model(infer.model, job.tracking_uri, "infer.model")
+        input_kind(source, s3)
         job.start_ray()
-        run_id = job.open_run("infer", {"infer": infer}, tags={"output": infer["output"], "model_version": version})
-        done = prepare_output(infer["output"], s3, infer["retry_errors"])
-        before = set(output_files(infer["output"], s3))  # after the clean-up: what this run did not write
+        run_id = job.open_run("infer", {"infer": as_dict(infer)},
+                              tags={"output": output, **({"model_version": model.version} if model.version else {})},
+                              derived={"infer.model": model.uri})
+        done = prepare_output(output, s3, infer.retry_errors)
+        before = set(output_files(output, s3))  # after the clean-up: what this run did not write
         t0 = time.time()
-        paths = list_inputs(infer, s3)
+        paths = list_inputs(source, infer.extensions, s3)
         todo = paths.filter(pc.invert(pc.is_in(paths, value_set=done))) if len(done) else paths
-        print(f"{len(paths)} inputs, {len(paths) - len(todo)} already in {infer['output']}, {len(todo)} to segment")
-        fs, out_path = filesystem(infer["output"], s3)
+        print(f"{len(paths)} inputs, {len(paths) - len(todo)} already in {output}, {len(todo)} to segment")
+        fs, out_path = filesystem(output, s3)
         if len(todo):
-            write_rows(path_blocks(todo, infer), infer, s3, model_uri, job.tracking_uri, version, fs, out_path)
+            write_rows(path_blocks(todo, infer.rows_per_file), infer, model, job.tracking_uri, s3, fs, out_path)
         seconds = time.time() - t0
-        files = output_files(infer["output"], s3)
+        files = output_files(output, s3)
         summary = summarize([f for f in files if f not in before], fs, seconds)
-        outputs: dict[str, Any] = {"output": infer["output"], "files": files}
-        if infer["coco_annotations"]:
+        outputs: dict[str, Any] = {"output": output, "files": files}
+        if infer.coco_annotations:
             # Side outputs start with "_": readers of the folder as a Parquet dataset (pandas,
             # pyarrow, Spark) skip them.
-            target = posixpath.join(infer["output"], "_coco_results.json")
+            target = posixpath.join(output, "_coco_results.json")
             outputs["coco_results"] = target
-            outputs["coco_detections"] = write_coco_results(infer, files, fs, s3, target)
-        if infer["overlays"]:
-            outputs["overlays"] = write_overlays(infer, files, fs, s3, posixpath.join(infer["output"], "_overlays"))
+            outputs["coco_detections"] = write_coco_results(infer.coco_annotations, source, files, fs, s3, target)
+        if infer.overlays:
+            outputs["overlays"] = write_overlays(infer.overlays, source, files, fs, s3,
+                                                 posixpath.join(output, "_overlays"))
         client = job.client
         log_metrics(client, run_id, {"infer/images": summary.images, "infer/detections": summary.detections,
                                      "infer/errors": summary.errors, "system/images_per_s": summary.images_per_s}, 0)
@@ -63,7 +65,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             if not is_s3(png):
                 client.log_artifact(run_id, png, "overlays")
         print_summary(summary, outputs)
-        return {"summary": summary, "run_id": run_id, "tracking_uri": job.tracking_uri, "model_uri": model_uri,
+        return {"summary": summary, "run_id": run_id, "tracking_uri": job.tracking_uri, "model_uri": model.uri,
                 **outputs}
 
 

@@ -1,0 +1,1 @@
+"""The jobs, one module per command: train (mrcnn-train), tune, evaluate, infer, models."""

@@ -1,0 +1,1 @@
+"""Runtime plumbing: Ray internals, consoles, node paths, the C allocator."""
