@@ -40,7 +40,7 @@ def test_a_pickle_with_code_is_refused_and_never_run(tmp_path):
         with pytest.raises(UnsafeWeightsError, match="evil.pt was refused"):
             load(evil)
     # The same file inside a logged-model folder.
-    cfg = compose_job(["model.num_classes=2", "model.backbone.name=resnet18"])["model"]
+    cfg = compose_job(["model.num_classes=2", "model.backbone.name=resnet18"]).model.to_dict()
     folder = write_model_files(tmp_path / "model", {}, cfg, {"category_ids": [1], "names": ["a"]})
     (folder / "weights.pt").write_bytes(evil.read_bytes())
     with pytest.raises(UnsafeWeightsError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shlex
 import signal
 import sys
 import time
@@ -264,7 +265,9 @@ def test_two_hosts_train_lose_a_host_resume_segment_and_sweep_through_a_bucket(t
 
         # Neither host's disk holds checkpoints, rows or tracking files.
         for host in (a, b):
-            found = host.run("find /tmp -name checkpoint.pt -o -name '*.parquet' -o -name 'mlflow.db'", env)
+            kept = " ".join(f"-path {shlex.quote(k)} -prune -o" for k in host.keep)  # the code, bound in
+            found = host.run(f"find /tmp {kept} \\( -name checkpoint.pt -o -name '*.parquet' -o -name 'mlflow.db' "
+                             "\\) -print", env)
             assert found.returncode == 0 and found.stdout.strip() == "", (host.name, found.stdout, found.stderr)
 
         # A local output folder (and the SQLite store in it), and weights to start from that only

@@ -1,7 +1,9 @@
 """Two hosts on one machine that share nothing but the installed code: Linux network namespaces
 on a bridge (each its own address), each running its processes in a mount namespace of its own
 with a private /tmp (so Ray's session folders, and anything a job writes locally, stay on that
-host). Needs root and `ip`/`unshare`; everything is found again by the names made here."""
+host). A project cloned (or a Python installed) under /tmp stays visible on both: its folder is
+bound back into each host's /tmp. Needs root and `ip`/`unshare`; everything is found again by
+the names made here."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import contextlib
 import os
 import random
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,11 +40,33 @@ def _ip(*args: str, netns: str | None = None) -> None:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
+def code_under_tmp() -> list[str]:
+    """The project's folder and Python's prefix where they lie under /tmp (none nested in
+    another): what each host's private /tmp must still show."""
+    found: list[str] = []
+    for path in sorted({str(Path(__file__).resolve().parents[2]), str(Path(sys.prefix).resolve())}, key=len):
+        if Path(path).is_relative_to("/tmp") and not any(Path(path).is_relative_to(f) for f in found):
+            found.append(path)
+    return found
+
+
+def private_tmp(keep: list[str]) -> str:
+    """Shell that mounts a fresh tmpfs on /tmp and binds each folder of `keep` (under the old
+    /tmp) back at its path, through a descriptor opened before the tmpfs hid it."""
+    fds = range(3, 3 + len(keep))
+    line = "".join(f"exec {fd}<{shlex.quote(p)}; " for fd, p in zip(fds, keep)) + "mount -t tmpfs tmpfs /tmp"
+    for fd, p in zip(fds, keep):
+        line += f" && mkdir -p {shlex.quote(p)} && mount --no-canonicalize --bind /proc/self/fd/{fd} {shlex.quote(p)}"
+        line += f" && exec {fd}<&-"
+    return line
+
+
 @dataclass
 class Host:
     name: str  # the network namespace
     address: str
     procs: list[subprocess.Popen] = field(default_factory=list)
+    keep: list[str] = field(default_factory=code_under_tmp)  # folders under /tmp this host still sees
 
     def start(self, command: str, env: dict[str, str], log: str) -> subprocess.Popen:
         """`command` (a shell line) on this host, in a mount namespace whose /tmp is a fresh
@@ -51,7 +76,7 @@ class Host:
             argv = [*prefix, "sh", "-c", command]
         else:
             argv = ["ip", "netns", "exec", self.name, "unshare", "--mount", "--propagation", "private",
-                    "sh", "-c", f"mount -t tmpfs tmpfs /tmp && exec {command}"]
+                    "sh", "-c", f"{private_tmp(self.keep)} && exec {command}"]
         proc = subprocess.Popen(argv, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                 start_new_session=True)
         self.procs.append(proc)
@@ -87,10 +112,6 @@ class Host:
 def two_hosts():
     """Yields (bridge address, host A, host B) on a /24 of 10.x.0.0 drawn at random; on exit,
     the hosts' processes (by the PIDs their namespaces list), the namespaces and the bridge go."""
-    for path in (sys.prefix, str(Path(__file__).resolve().parents[2])):
-        if Path(path).resolve().is_relative_to("/tmp"):
-            raise RuntimeError(f"{path} is under /tmp, which each host replaces with a /tmp of its own: the hosts "
-                               "could not run the project's code; clone and install it outside /tmp")
     tag = secrets.token_hex(2)
     net = f"10.{random.randint(100, 250)}.{random.randint(0, 250)}"
     bridge = f"mrbr{tag}"
