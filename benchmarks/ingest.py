@@ -11,7 +11,6 @@ masks, as a pipeline that ships dense masks would carry them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -34,9 +33,9 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         root = write_shapes_dataset(tmp, train=args.images, val=1, size=args.size, seed=0)
-        cfg = dataclasses.asdict(DataConfig(root=str(root), augment=AugmentConfig(
-            hflip_prob=0.5, scales=[args.size * 3 // 4, args.size], max_size=4 * args.size)))
-        split = load_split(cfg, "train")
+        cfg = DataConfig(root=str(root), augment=AugmentConfig(
+            hflip_prob=0.5, scales=[args.size * 3 // 4, args.size], max_size=4 * args.size))
+        split = load_split(cfg, cfg.root, "train")
         ds = image_dataset(split, cfg, train=True)
         # Warm-up pass (worker start-up), then the timed streaming pass.
         for _ in ds.iter_batches(batch_size=8, batch_format="numpy"):

@@ -18,7 +18,7 @@ RAY_CHECKED = "2.60"
 
 if not ray.__version__.startswith(RAY_CHECKED + "."):
     warnings.warn(f"mrcnn's workflows were checked against Ray {RAY_CHECKED}.x, this is Ray {ray.__version__}: "
-                  "workflows/compat.py names the internals to check", stacklevel=1)
+                  "workflows/runtime/ray_internals.py names the internals to check", stacklevel=1)
 
 
 def operator_progress(executor: Any) -> tuple:
