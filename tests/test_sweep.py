@@ -11,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mrcnn import build_model
+from tests.helpers.coco import its_own_ground_truth
 from tests.helpers.jobs import compose_job
 from workflows.cli import models as models_cli
 from workflows.config import as_dict
@@ -84,6 +85,70 @@ def test_a_resumed_sweep_keeps_the_rungs_its_earlier_trials_set(ray_local, tmp_p
     assert {r.config["loss"]: r.metrics[sweep.TIME_ATTR] for r in resumed} == {1.0: 2, 5.0: 1}
 
 
+def quadratic(config):
+    """A trial that reports once, after a second: the distance of `x` from 0.3, squared."""
+    import time
+
+    from ray import tune
+
+    time.sleep(1)  # the interrupt lands before the next trial ends
+    tune.report({sweep.TIME_ATTR: 1, "loss": (config["x"] - 0.3) ** 2})
+
+
+def test_an_optuna_sweep_resumes_with_its_searchers_state(ray_local, tmp_path):
+    """`sweep.search=optuna`: Optuna's TPE (2 random trials first) over one dimension, one trial at
+    a time. The driver is interrupted after the second trial and the sweep restored: the
+    searcher saved with the finished sweep holds all four trials with the values they reported,
+    those the earlier driver ran included (a searcher started afresh would hold only the rest)."""
+    import pickle
+    import signal
+
+    import optuna
+    from ray import tune
+    from ray.tune import Callback
+
+    marker = tmp_path / "interrupted"
+
+    class InterruptAfterTwoTrials(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if sum(t.status == "TERMINATED" for t in trials) >= 2 and not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends the run, its state saved
+
+    cfg = compose_job(["sweep.search=optuna", "sweep.seed=0", "sweep.startup_trials=2"])
+    params, by_index = sweep.search_space({"x": {"uniform": [0.0, 1.0]}}, cfg.sweep.search)
+    assert by_index == {}
+    first = tune.Tuner(
+        quadratic, param_space=params,
+        tune_config=tune.TuneConfig(metric="loss", mode="min", search_alg=sweep.searcher(cfg.sweep), num_samples=4,
+                                    max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="optuna", storage_path=str(tmp_path), callbacks=[InterruptAfterTwoTrials()],
+                                  verbose=0)).fit()
+    earlier = {r.config["x"]: r.metrics["loss"] for r in first if r.metrics}
+    assert 2 <= len(earlier) < 4, earlier
+    resumed = tune.Tuner.restore(str(tmp_path / "optuna"), trainable=quadratic, resume_unfinished=True).fit()
+    assert len(resumed) == 4
+    (state_file,) = sorted((tmp_path / "optuna").glob("searcher-state-*.pkl"))[-1:]
+    study = pickle.loads(state_file.read_bytes())["_ot_study"]
+    done = {t.params["x"]: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(done) == 4 and all(done[x] == pytest.approx(v) for x, v in earlier.items()), (done, earlier)
+
+
+def test_optuna_names_non_scalar_choices_by_index():
+    """Optuna's categorical values must be scalars: a choice among anchor size lists is a choice
+    among their indices, mapped back to the values for the trial's config and the summary."""
+    sizes = [[[8], [16], [32], [64], [128]], [[16], [32], [64], [128], [256]]]
+    space = {"model.anchors.sizes": {"grid": sizes}, "model.backbone.name": {"choice": ["resnet18", "resnet34"]}}
+    params, by_index = sweep.search_space(space, "optuna")
+    assert by_index == {"model.anchors.sizes": sizes}
+    assert params["model.anchors.sizes"].categories == [0, 1]
+    assert params["model.backbone.name"].categories == ["resnet18", "resnet34"]
+    assert sweep.swept_values({"model.anchors.sizes": 1, "model.backbone.name": "resnet34"}, by_index) == \
+        {"model.anchors.sizes": sizes[1], "model.backbone.name": "resnet34"}
+    grid, _ = sweep.search_space(space, "grid")
+    assert grid["model.anchors.sizes"] == {"grid_search": sizes}
+
+
 def test_promote_moves_champion_only_to_a_better_candidate(ray_local, gapped_shapes, tmp_path):
     """On a val split whose ground truth is what model A predicts (so A's AP is high whatever its
     weights): a blind model (its classifier always says background: no detection, AP 0) is
@@ -123,33 +188,6 @@ def test_promote_moves_champion_only_to_a_better_candidate(ray_local, gapped_sha
     assert decided.data.metrics["candidate/segm_AP50"] == 0 and decided.data.metrics["champion/segm_AP50"] > 0
     assert decided.data.tags["decision"] == worse["decision"]
     assert client.get_model_version("shapes-promote", worse_version).tags["promotion"] == worse["decision"]
-
-
-def its_own_ground_truth(model, src: Path, dst: Path) -> Path:
-    """A copy of the shapes dataset whose val annotations are `model`'s predictions."""
-    import json
-    import shutil
-
-    from mrcnn.data.images import decode_image
-    from mrcnn.masks import encode_masks
-
-    shutil.copytree(src, dst)
-    ann_path = dst / "annotations/instances_val.json"
-    coco = json.loads(ann_path.read_text())
-    categories = sorted(c["id"] for c in coco["categories"])
-    anns = []
-    for im in coco["images"]:
-        pixels = decode_image((dst / im["file_name"]).read_bytes())
-        with torch.no_grad():
-            p = model([torch.from_numpy(pixels).permute(2, 0, 1).float() / 255])[0]
-        for box, label, rle in zip(p["boxes"].tolist(), p["labels"].tolist(), encode_masks(p["masks"])):
-            x1, y1, x2, y2 = box
-            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": categories[label - 1],
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": rle, "iscrowd": 0,
-                         "area": (x2 - x1) * (y2 - y1)})
-    assert anns, "the model predicts nothing: no ground truth to judge by"
-    ann_path.write_text(json.dumps({**coco, "annotations": anns}))
-    return dst
 
 
 def registry_version(client, url: str, run_id: str, overrides: list[str]) -> str:

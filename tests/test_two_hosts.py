@@ -181,6 +181,21 @@ def test_two_hosts_train_lose_a_host_resume_segment_and_sweep_through_a_bucket(t
         assert ok and "4 already in s3://runs/rows, 0 to segment" in logs, logs[-3000:]
         assert sorted(list_files("s3://runs/rows")) == written
 
+        # Evaluating the registered model on the cluster: a predictor on each host, each a share
+        # of the split; then promoting it (the first promotion: champion from candidate), one
+        # pass of the same actors.
+        predictors = ["infer.concurrency=2", "infer.cpus_per_actor=2", "infer.batch_size=1", "infer.torch_threads=1"]
+        evaluate = [*common, "data.root=s3://data/shapes", *TINY, *predictors]
+        ok, logs = submit_and_wait(client, "mrcnn-evaluate", [*evaluate, "+weights=models:/two-hosts@candidate"], aws)
+        assert ok and "val: 4 images, model models:/two-hosts@candidate" in logs, logs[-3000:]
+        (evaluated,) = mlflow.search_runs([exp], filter_string="tags.job = 'evaluate'")
+        assert len(evaluated.data.tags["ray.predictor_nodes"].split(",")) == 2, evaluated.data.tags
+        assert evaluated.data.metrics["val/segm_AP"] == pytest.approx(run.data.metrics["val/segm_AP"], abs=1e-9)
+        ok, logs = submit_and_wait(client, "mrcnn-models", ["--tracking-uri", tracking, "promote", "two-hosts", "--",
+                                                            *evaluate], aws)
+        assert ok and "promoted version 1" in logs, logs[-3000:]
+        assert mlflow.get_model_version_by_alias("two-hosts", "champion").version == "1"
+
         # A sweep of three trials, two at a time, one on each host (a trial's worker takes 2 of a
         # host's 3 CPUs): lr 2e-3 learns, 1e-9 and 1e-8 do not. Its driver is killed (SIGKILL) once
         # a trial has checkpointed and the third has started; the same command again resumes it

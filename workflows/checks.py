@@ -13,6 +13,7 @@ from workflows.storage import is_s3
 
 JOBS = ("train", "sweep", "evaluate", "promote", "infer")
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform")
+SEARCHERS = ("grid", "random", "optuna")
 
 
 def validate(cfg: JobConfig, job: str = "train", cpus: float | None = None) -> None:
@@ -26,7 +27,9 @@ def validate(cfg: JobConfig, job: str = "train", cpus: float | None = None) -> N
     if job == "sweep":
         errors += sweep_errors(cfg)
     if job == "infer":
-        errors += infer_errors(cfg.infer, cpus)
+        errors += infer_errors(cfg.infer)
+    if job in ("infer", "evaluate", "promote"):  # their models predict on the predictor actors
+        errors += predictor_errors(cfg.infer, cpus)
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -93,16 +96,27 @@ def trainer_errors(trainer: TrainerConfig) -> list[str]:
     return errors
 
 
-def infer_errors(infer: InferConfig, cpus: float | None) -> list[str]:
+def infer_errors(infer: InferConfig) -> list[str]:
     errors = []
     for key in ("input", "output"):
         if not getattr(infer, key):
             errors.append(f"infer.{key} is not set: give a folder or s3:// prefix, e.g. infer.{key}=/data/images")
-    for key in ("batch_size", "concurrency", "decode_threads", "max_pixels", "rows_per_file"):
+    for key in ("max_pixels", "rows_per_file"):
         if getattr(infer, key) <= 0:
             errors.append(f"infer.{key}={getattr(infer, key)} must be > 0")
     if not 0 <= infer.score_threshold <= 1:
         errors.append(f"infer.score_threshold={infer.score_threshold} must be in [0, 1]")
+    return errors
+
+
+def predictor_errors(infer: InferConfig, cpus: float | None) -> list[str]:
+    """The predictor actors' settings (batch inference, evaluation, promotion)."""
+    errors = []
+    for key in ("batch_size", "concurrency", "decode_threads"):
+        if getattr(infer, key) <= 0:
+            errors.append(f"infer.{key}={getattr(infer, key)} must be > 0")
+    if infer.num_gpus < 0 or infer.cpus_per_actor < 0:
+        errors.append("infer.num_gpus and infer.cpus_per_actor must be >= 0")
     # The predictor actors hold their CPUs for the whole job: they must leave a quarter of a CPU
     # for a write task, or the job waits forever.
     held = infer.concurrency * infer.cpus_per_actor
@@ -138,7 +152,9 @@ def sweep_errors(cfg: JobConfig) -> list[str]:
     errors = []
     if sweep.mode not in ("max", "min"):
         errors.append(f"sweep.mode={sweep.mode!r} must be 'max' or 'min'")
-    for key in ("num_samples", "max_concurrent_trials"):
+    if sweep.search not in SEARCHERS:
+        errors.append(f"sweep.search={sweep.search!r} must be one of {', '.join(SEARCHERS)}")
+    for key in ("num_samples", "max_concurrent_trials", "startup_trials"):
         if getattr(sweep, key) <= 0:
             errors.append(f"sweep.{key}={getattr(sweep, key)} must be > 0")
     try:

@@ -132,7 +132,16 @@ class SweepConfig:
     name: Optional[str] = None
     metric: str = "segm_AP"
     mode: str = "max"
-    num_samples: int = 1  # samples of the random dimensions (each grid point gets this many)
+    # How trials are chosen (Tune's searchers):
+    #   grid    every grid point, each random dimension drawn num_samples times a point (Tune's
+    #           variant generator: num_samples x the grid's size trials)
+    #   random  num_samples trials, every dimension drawn at random (a grid's values as a choice)
+    #   optuna  num_samples trials, each chosen by Optuna's TPE from the results so far (random
+    #           for the first `startup_trials`); a grid's values as a choice
+    search: str = "grid"
+    seed: Optional[int] = None  # random and optuna: the sampler's seed (None: a fresh draw)
+    startup_trials: int = 4  # optuna: trials drawn at random before TPE models the results
+    num_samples: int = 1  # see `search`
     max_concurrent_trials: int = 2
     space: Dict[str, Any] = field(default_factory=dict)
     scheduler: AshaConfig = field(default_factory=AshaConfig)

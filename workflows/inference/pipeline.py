@@ -5,6 +5,7 @@ be read or decoded becomes a row with `error` set; the job goes on."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,33 +44,52 @@ def read_and_decode(paths: list[str], s3: S3Config, max_pixels: int, pool: Threa
     return list(pool.map(one, paths)) if pool else [one(p) for p in paths]
 
 
-class Predictor:
-    """One per actor: the model is loaded once; each batch of paths is read, decoded, predicted
-    in one call and its masks RLE-encoded here. Only paths come in and rows go out: decoded
-    images never pass through Ray's object store, whose pages a reader keeps mapped (its
-    resident memory grew by one image per image when another stage decoded)."""
+def actor_options(infer: InferConfig) -> dict[str, Any]:
+    """`map_batches` arguments of a pool of predictor actors (batch inference and evaluation
+    alike): `infer.concurrency` actors of `infer.num_gpus` GPUs and `infer.cpus_per_actor` CPUs
+    each, spread over the cluster's nodes."""
+    return {"batch_size": infer.batch_size, "compute": ray.data.ActorPoolStrategy(size=infer.concurrency),
+            "num_gpus": infer.num_gpus, "num_cpus": infer.cpus_per_actor, "scheduling_strategy": "SPREAD"}
 
-    def __init__(self, model: ResolvedModel, tracking_uri: str, infer: InferConfig, s3: S3Config):
+
+class ModelActor:
+    """What a predictor actor holds: its models, loaded once, on its device (a GPU when it was
+    given one), and threads that read and decode the next images. Only paths come in and results
+    go out: decoded images never pass through Ray's object store, whose pages a reader keeps
+    mapped (its resident memory grew by one image per image when another stage decoded)."""
+
+    def __init__(self, models: list[ResolvedModel], tracking_uri: str, infer: InferConfig, s3: S3Config):
         if infer.torch_threads:
             torch.set_num_threads(infer.torch_threads)
         reuse_large_blocks()
-        loaded = load_model(model.uri, tracking_uri)
         self.device = torch.device("cuda" if infer.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.model = loaded.model.set_detection_limits(infer.score_threshold, infer.max_detections)
-        self.model.eval().to(self.device)
-        self.labels = loaded.labels
-        # The `model` column holds the URI loaded (an alias pinned to its version), `model_version`
-        # the registry version (null for a model outside the registry).
-        self.uri, self.version = model.uri, model.version
+        self.loaded = [load_model(m.uri, tracking_uri) for m in models]
+        for loaded in self.loaded:
+            loaded.model.eval().to(self.device)
         self.s3, self.max_pixels = s3, infer.max_pixels
         # Reading and decoding release the GIL: threads overlap them (object-store latency,
         # large JPEGs feeding a GPU).
         self.pool = ThreadPoolExecutor(infer.decode_threads) if infer.decode_threads > 1 else None
 
+    def read(self, paths: list[str]) -> list[tuple[np.ndarray | None, str | None]]:
+        return read_and_decode(paths, self.s3, self.max_pixels, self.pool)
+
+
+class Predictor(ModelActor):
+    """Batch inference: each batch of paths read, decoded, predicted in one call and its masks
+    RLE-encoded into rows (`inputs.SCHEMA`)."""
+
+    def __init__(self, model: ResolvedModel, tracking_uri: str, infer: InferConfig, s3: S3Config):
+        super().__init__([model], tracking_uri, infer, s3)
+        self.model = self.loaded[0].model.set_detection_limits(infer.score_threshold, infer.max_detections)
+        self.labels = self.loaded[0].labels
+        # The `model` column holds the URI loaded (an alias pinned to its version), `model_version`
+        # the registry version (null for a model outside the registry).
+        self.uri, self.version = model.uri, model.version
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         paths = batch.column("path").to_pylist()
-        decoded = read_and_decode(paths, self.s3, self.max_pixels, self.pool)
-        rows = segment_decoded(self.model, decoded, self.labels, self.device)
+        rows = segment_decoded(self.model, self.read(paths), self.labels, self.device)
         columns = {name: [row[name] for row in rows] for name in ROW_FIELDS}
         return pa.Table.from_pydict({"path": paths, **columns, "model": [self.uri] * len(rows),
                                      "model_version": [self.version] * len(rows)}, schema=SCHEMA)
@@ -78,9 +98,7 @@ class Predictor:
 def write_rows(ds: ray.data.Dataset, infer: InferConfig, model: ResolvedModel, tracking_uri: str, s3: S3Config,
                fs: pafs.FileSystem, out_path: str) -> None:
     """read + decode + predict (actor pool) -> Parquet files under `out_path`."""
-    ds = ds.map_batches(Predictor, batch_size=infer.batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=infer.concurrency),
-                        num_gpus=infer.num_gpus, num_cpus=infer.cpus_per_actor,
+    ds = ds.map_batches(Predictor, batch_format="pyarrow", **actor_options(infer),
                         fn_constructor_kwargs={"model": model, "tracking_uri": tracking_uri, "infer": infer, "s3": s3})
     # A fraction of a CPU: with a whole one the writes would wait behind the predictors on a
     # small machine, and rows would reach the disk only at the end.

@@ -34,12 +34,12 @@ def set_alias(client: MlflowClient, name: str, version: str, alias: str) -> str:
 
 def promote(cfg: JobConfig, name: str, metric: str = "segm_AP", force: bool = False,
             split: str = "val") -> dict[str, Any]:
-    """Evaluate candidate and champion on `split`; move `champion` to the candidate if it is
-    better (or `force`). Returns {decision, candidate, champion, run_id, <alias>_<metric>...}.
-    The decision is an MLflow run (both evaluations as metrics) and a tag on the version."""
-    from workflows.jobs.evaluate import evaluate_model
+    """Evaluate candidate and champion on `split` in one pass of the predictor actors; move
+    `champion` to the candidate if it is better (or `force`). Returns {decision, candidate,
+    champion, run_id, <alias>_<metric>...}. The decision is an MLflow run (both evaluations as
+    metrics) and a tag on the version."""
+    from workflows.jobs.evaluate import evaluate_models, read_split
     from workflows.jobs.frame import Job
-    from workflows.logged_model import load_model
     from workflows.tracking import log_metrics
 
     with Job(cfg, "promote") as job:
@@ -49,14 +49,15 @@ def promote(cfg: JobConfig, name: str, metric: str = "segm_AP", force: bool = Fa
             champion = resolve_model(f"models:/{name}@{CHAMPION}", job.tracking_uri, CHAMPION)
         except ValueError:
             champion = None  # the first promotion
+        data = read_split(cfg, job.paths, split)
         job.start_ray()
         run_id = job.open_run(f"promote-{name}", {
             "model": name, "candidate_version": candidate.version,
             "champion_version": champion.version if champion else None, "metric": metric, "split": split,
-            "force": force, "data": as_dict(cfg.data)})
-        scores = {CANDIDATE: evaluate_model(load_model(candidate.uri, job.tracking_uri), cfg, job.paths, split)}
-        if champion is not None:
-            scores[CHAMPION] = evaluate_model(load_model(champion.uri, job.tracking_uri), cfg, job.paths, split)
+            "force": force, "data": as_dict(cfg.data), "infer": as_dict(cfg.infer)})
+        models = [candidate] + ([champion] if champion is not None else [])
+        evaluations, nodes = evaluate_models(models, cfg, data, job.tracking_uri)
+        scores = dict(zip((CANDIDATE, CHAMPION), evaluations))
         cand, champ = scores[CANDIDATE][metric], scores.get(CHAMPION, {}).get(metric, float("-inf"))
         client = job.client
         if champion is not None and champion.version == candidate.version:
@@ -68,6 +69,7 @@ def promote(cfg: JobConfig, name: str, metric: str = "segm_AP", force: bool = Fa
             decision = f"kept version {champion.version}: candidate {metric} {cand:.4f} <= champion {champ:.4f}"
         log_metrics(client, run_id, {f"{who}/{k}": v for who, m in scores.items() for k, v in m.items()}, 0)
         client.set_tag(run_id, "decision", decision)
+        client.set_tag(run_id, "ray.predictor_nodes", ",".join(sorted(nodes)))
         client.set_model_version_tag(name, candidate.version, "promotion", decision)
         print(decision)
         return {"decision": decision, CANDIDATE: candidate.version,

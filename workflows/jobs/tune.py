@@ -23,11 +23,12 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from workflows.checks import flatten_space
-from workflows.config import JobConfig, as_dict, training_params, with_values
+from workflows.config import JobConfig, SweepConfig, as_dict, training_params, with_values
 from workflows.jobs.frame import Job, new_run_name
 from workflows.jobs.train import starting_point, starting_point_tags
 from workflows.logged_model import log_checkpoint
@@ -72,13 +73,75 @@ def earlier_reports(trial) -> list[dict[str, Any]]:
     return reports
 
 
-def tune_domain(spec: dict[str, Any]):
-    kind, values = next(iter(spec.items()))
-    if kind == "grid":
-        return tune.grid_search(values)
-    if kind == "choice":
-        return tune.choice(values)
-    return getattr(tune, kind)(*values)  # uniform / loguniform (low, high)
+SCALARS = (str, int, float, bool, type(None))
+
+
+def search_space(space: dict[str, dict[str, Any]], search: str) -> tuple[dict[str, Any], dict[str, list]]:
+    """Tune's param_space for `sweep.space` under the searcher `search`, and the dimensions it
+    names by their index into the values (Optuna's categorical values must be scalars: a choice
+    among anchor size lists is a choice among their indices). A grid is enumerated only by
+    `grid`; the other searchers draw from its values."""
+    params, by_index = {}, {}
+    for path, spec in space.items():
+        kind, values = next(iter(spec.items()))
+        if kind in ("uniform", "loguniform"):
+            params[path] = getattr(tune, kind)(*values)
+        elif kind == "grid" and search == "grid":
+            params[path] = tune.grid_search(values)
+        elif search == "optuna" and not all(isinstance(v, SCALARS) for v in values):
+            params[path], by_index[path] = tune.choice(list(range(len(values)))), list(values)
+        else:
+            params[path] = tune.choice(values)
+    return params, by_index
+
+
+def swept_values(params: dict[str, Any], by_index: dict[str, list]) -> dict[str, Any]:
+    """A trial's config (Tune's `params`) as the swept keys' values."""
+    return {k: by_index[k][v] if k in by_index else v for k, v in params.items()}
+
+
+def searcher(sweep: SweepConfig):
+    """The search algorithm of `sweep.search` (None: Tune's variant generator, the grid)."""
+    if sweep.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=sweep.seed)
+    if sweep.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed,
+                                                               n_startup_trials=sweep.startup_trials))
+    return None
+
+
+class TrialRuns(Callback):
+    """Ends each trial's MLflow run when its trial ends (completed, stopped early by ASHA, or
+    failed), with its status and the time it ended: the MLflow UI compares trials by how long
+    they ran."""
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, max_epochs: int):
+        self.tracking_uri, self.parent_run_id, self.max_epochs = tracking_uri, parent_run_id, max_epochs
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        done = trial.last_result.get(TIME_ATTR, 0)
+        self._end(trial, "FINISHED", "completed" if done >= self.max_epochs else "stopped early")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._end(trial, "FAILED", "failed")
+
+    def _end(self, trial, status: str, outcome: str) -> None:
+        client = mlflow_client(self.tracking_uri)
+        parent, trial_id = self.parent_run_id, trial.trial_id
+        try:
+            runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                                    f"tags.trial_id = '{trial_id}'")
+            for run in runs:
+                client.set_tag(run.info.run_id, "sweep.status", outcome)
+                client.set_terminated(run.info.run_id, status=status)
+        except Exception as e:  # noqa: BLE001 - the sweep goes on; finish_sweep sets the status again
+            print(f"WARNING: could not end the MLflow run of trial {trial.trial_id}: {str(e).splitlines()[0][:200]}")
 
 
 def trial_config(base: JobConfig, params: dict[str, Any], max_epochs: int) -> JobConfig:
@@ -99,6 +162,7 @@ class Sweep:
     trials_dir: str  # path or URI: each trial's Ray Train run under it, by trial id
     init_weights: str | None  # trainer.init_weights resolved once for every trial
     derived: dict[str, Any]  # the sweep's derived values, recorded on every trial's run
+    by_index: dict[str, list]  # the dimensions Tune's params name by their index (`search_space`)
 
 
 def run_trial(params: dict[str, Any], base: JobConfig, data: TrainingData, sweep: Sweep) -> None:
@@ -106,6 +170,7 @@ def run_trial(params: dict[str, Any], base: JobConfig, data: TrainingData, sweep
     logging to a child run of the sweep's MLflow run."""
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
+    params = swept_values(params, sweep.by_index)
     cfg = trial_config(base, params, sweep.max_epochs)
     uri = sweep.tracking_uri
     run_id = start_or_resume_run(
@@ -130,7 +195,8 @@ def trial_outcome(result, max_epochs: int) -> str:
     return "completed" if done >= max_epochs else "stopped early"
 
 
-def summarize(results, space: dict[str, Any], metric: str, mode: str, max_epochs: int) -> list[dict[str, Any]]:
+def summarize(results, space: dict[str, Any], metric: str, mode: str, max_epochs: int,
+              by_index: dict[str, list]) -> list[dict[str, Any]]:
     """One row a trial: swept values, best metric, epochs run, status, checkpoint."""
     rows = []
     for r in results:
@@ -141,7 +207,7 @@ def summarize(results, space: dict[str, Any], metric: str, mode: str, max_epochs
         last = r.metrics or {}
         rows.append({
             "trial_id": (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else ""),
-            **{k: cfg.get(k) for k in space},
+            **swept_values({k: cfg.get(k) for k in space}, by_index),
             f"best_{metric}": best,
             "epochs": int((r.metrics or {}).get(TIME_ATTR, 0)),
             "status": trial_outcome(r, max_epochs),
@@ -207,8 +273,9 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         parent = job.open_run("sweep", {"sweep": as_dict(sweep_cfg), **training_params(cfg)},
                               tags={"sweep": name, **starting_point_tags(start)}, name=name, derived=derived)
         sweeps_dir = join(job.paths.output_dir, "sweeps")
+        param_space, by_index = search_space(space, sweep_cfg.search)
         sweep = Sweep(name, parent, job.tracking_uri, max_epochs, join(sweeps_dir, f"{name}/trials"),
-                      start and start.uri, {**job.paths.labelled(), **derived})
+                      start and start.uri, {**job.paths.labelled(), **derived}, by_index)
         trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg, data=data, sweep=sweep),
                                         TRIAL_DRIVER_RESOURCES)
         storage_path, fs = ray_storage(sweeps_dir, cfg.data.s3)
@@ -223,12 +290,13 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                                       reduction_factor=sweep_cfg.scheduler.reduction_factor)
             tuner = tune.Tuner(
                 trainable,
-                param_space={k: tune_domain(v) for k, v in space.items()},
+                param_space=param_space,
                 tune_config=tune.TuneConfig(
                     metric=sweep_cfg.metric, mode=sweep_cfg.mode, scheduler=scheduler,
-                    num_samples=sweep_cfg.num_samples,
+                    search_alg=searcher(sweep_cfg), num_samples=sweep_cfg.num_samples,
                     max_concurrent_trials=concurrent_trials(cfg, sweep_cfg.max_concurrent_trials)),
                 run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
+                                          callbacks=[TrialRuns(job.tracking_uri, parent, max_epochs)],
                                           verbose=1 if cfg.verbose else 0),
             )
         results = tuner.fit()
@@ -240,7 +308,7 @@ def finish_sweep(cfg: JobConfig, results, space: dict[str, Any], sweep: Sweep, o
     best metric to the parent; register the best trial's model."""
     metric, mode, parent, uri = cfg.sweep.metric, cfg.sweep.mode, sweep.parent_run_id, sweep.tracking_uri
     client = mlflow_client(uri)
-    rows = summarize(results, space, metric, mode, sweep.max_epochs)
+    rows = summarize(results, space, metric, mode, sweep.max_epochs, sweep.by_index)
     for row in rows:  # Tune reports paths inside the storage's filesystem
         row["checkpoint"] = row["checkpoint"] and to_uri(row["checkpoint"], like=output_dir)
     children = {r.data.tags.get("trial_id"): r.info.run_id for r in client.search_runs(
@@ -249,7 +317,8 @@ def finish_sweep(cfg: JobConfig, results, space: dict[str, Any], sweep: Sweep, o
         child = children.get(row["trial_id"])
         if child:
             client.set_tag(child, "sweep.status", row["status"])
-            client.set_terminated(child, status="FAILED" if row["status"] == "failed" else "FINISHED")
+            if client.get_run(child).info.status == "RUNNING":  # else ended with its trial (TrialRuns)
+                client.set_terminated(child, status="FAILED" if row["status"] == "failed" else "FINISHED")
             if row["checkpoint"] and not run_model_id(client, child):  # a resumed sweep logged it before
                 log_checkpoint(uri, child, row["checkpoint"], cfg.data.s3)
     key = f"best_{metric}"

@@ -181,6 +181,23 @@ class Predictions:
         return {f"{t}_{m}": v for t, ms in metrics.items() for m, v in ms.items()}
 
 
+def coco_results_of(
+    model: torch.nn.Module, images: list[torch.Tensor], image_ids: list[int], labels: CategoryMap,
+    device: torch.device | str,
+) -> tuple[Predictions, list[dict[str, torch.Tensor]]]:
+    """images: float[3, H, W] in [0, 1], predicted in one call -> their COCO results (RLE masks,
+    the dataset's category ids) and the predictions themselves. Training's evaluation and the
+    cluster's evaluation actors both make their results here."""
+    out = Predictions()
+    preds = predict_images(model, [im.to(device) for im in images])
+    for image_id, p in zip(image_ids, preds):
+        bbox, segm = to_coco_results(image_id, {**p, "rles": encode_masks(p["masks"])}, labels)
+        out.bbox += bbox
+        out.segm += segm
+        out.image_ids.append(image_id)
+    return out, preds
+
+
 def predict_to_coco(
     model: torch.nn.Module,
     batches: Iterable[dict[str, Any]],
@@ -193,12 +210,9 @@ def predict_to_coco(
     out = Predictions()
     for batch in batches:
         images, targets, ids = batch_to_model_inputs(batch)
-        preds = predict_images(model, [im.to(device) for im in images])
+        results, preds = coco_results_of(model, images, ids, labels, device)
+        out.extend(results)
         for image, target, image_id, p in zip(images, targets, ids, preds):
-            bbox, segm = to_coco_results(image_id, {**p, "rles": encode_masks(p["masks"])}, labels)
-            out.bbox += bbox
-            out.segm += segm
-            out.image_ids.append(image_id)
             if len(out.samples) < keep_images:
                 out.samples.append((image_id, image, target, p))
     return out
