@@ -110,6 +110,14 @@ def test_train_track_register_and_fine_tune(ray_local, gapped_shapes, tmp_path, 
         assert {p.name for p in (folder / "artifacts").iterdir()} == {"weights.pt", "model_config.json",
                                                                      "label_map.json"}
 
+        # The training run's own evaluation of its last epoch is what `mrcnn-evaluate` finds for
+        # the model it registered (the same images, on predictor actors instead of the workers).
+        from workflows.jobs import evaluate
+
+        evaluated = evaluate.run(cfg, "models:/shapes-tiny@candidate")
+        for key in ("segm_AP", "bbox_AP", "segm_AP50"):
+            assert evaluated[key] == pytest.approx(r.data.metrics[f"val/{key}"], abs=1e-9), key
+
         registered = load_model("models:/shapes-tiny@candidate", url)
         assert registered.labels.category_ids == [3, 7, 11] and registered.version == "1"
         assert load_model("models:/shapes-tiny/1", url).run_id == first["run_id"]

@@ -47,9 +47,9 @@ def read_and_decode(paths: list[str], s3: S3Config, max_pixels: int, pool: Threa
 def actor_options(infer: InferConfig) -> dict[str, Any]:
     """`map_batches` arguments of a pool of predictor actors (batch inference and evaluation
     alike): `infer.concurrency` actors of `infer.num_gpus` GPUs and `infer.cpus_per_actor` CPUs
-    each, spread over the cluster's nodes."""
+    each (spread over the cluster's nodes: Ray Data's default scheduling strategy, SPREAD)."""
     return {"batch_size": infer.batch_size, "compute": ray.data.ActorPoolStrategy(size=infer.concurrency),
-            "num_gpus": infer.num_gpus, "num_cpus": infer.cpus_per_actor, "scheduling_strategy": "SPREAD"}
+            "num_gpus": infer.num_gpus, "num_cpus": infer.cpus_per_actor}
 
 
 class ModelActor:
