@@ -72,15 +72,17 @@ def test_two_jobs_submitted_to_one_ray_head_at_once_one_crashing(gapped_shapes, 
     assert len([d for d in folder.glob("checkpoint_*") if d.is_dir()]) == 1
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
-def test_gpu_training_with_nccl_and_amp(gapped_shapes, tmp_path):
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_training_with_nccl_and_mixed_precision(gapped_shapes, tmp_path, precision):
     ray.shutdown()
     ray.init(num_gpus=1)
     try:
         cfg = tiny(tmp_path / "out", gapped_shapes, "trainer=gpu", "trainer.num_workers=1", "trainer.epochs=1",
                    "trainer.max_steps=3", "trainer.batch_size=2", "trainer.cpus_per_worker=1",
-                   "trainer.log_every_steps=1", "run_name=gpu")
-        assert cfg.trainer.amp is True
+                   "trainer.log_every_steps=1", f"run_name=gpu-{precision}", f"trainer.precision={precision}")
+        assert cfg.trainer.use_gpu is True
         result = run(cfg)
         assert result["metrics"]["step"] == 3
     finally:

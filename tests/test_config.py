@@ -78,3 +78,30 @@ def test_model_files_given_as_local_paths_are_checked_on_every_node(tmp_path):
         assert "infer.model" not in paths_of(cfg, "infer", None), uri
     infer = compose_job([f"output_dir={tmp_path}", f"infer.model={weights}"])
     assert paths_of(infer, "infer", None)["infer.model"][1] == str(weights.parent)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.precision=fp16"], "trainer.precision=fp16 needs CUDA GPUs"),
+    (["trainer.precision=int8"], "trainer.precision='int8' must be fp32, bf16 or fp16"),
+    (["+trainer.amp=true"], "trainer.amp is replaced by trainer.precision: write trainer.precision=fp16"),
+])
+def test_a_precision_the_devices_cannot_run_stops_the_job_before_work(overrides, message):
+    from workflows.checks import validate
+
+    with pytest.raises(ValueError, match=message):
+        validate(compose_config(overrides), "train")
+
+
+def test_fp16_predictors_need_gpus_and_bf16_runs_where_the_cpu_has_it():
+    from mrcnn.precision import cpu_has_bf16
+    from workflows.checks import validate
+
+    with pytest.raises(ValueError, match="infer.precision=fp16 needs CUDA GPUs"):
+        validate(compose_config(["infer.precision=fp16"]), "evaluate")
+    validate(compose_config(["infer.precision=fp16", "infer.num_gpus=1"]), "evaluate")  # a GPU cluster's
+    bf16 = compose_config(["infer.precision=bf16"])
+    if cpu_has_bf16():
+        validate(bf16, "evaluate")
+    else:
+        with pytest.raises(ValueError, match="no bf16 instructions"):
+            validate(bf16, "evaluate")

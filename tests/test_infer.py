@@ -129,7 +129,7 @@ def test_folder_store_every_file_one_row(ray_local, registered, store, gapped_sh
     assert results and {r["image_id"] for r in results} <= {1, 2, 3, 4}
     from pycocotools.cocoeval import COCOeval
 
-    gt = coco_ground_truth(json.loads((gapped_shapes / "annotations/instances_val.json").read_text()))
+    gt = coco_ground_truth(json.loads((gapped_shapes / "annotations/instances_val.json").read_text()), "pycocotools")
     for r in results:
         r["segmentation"]["counts"] = r["segmentation"]["counts"].encode()
     ev = COCOeval(gt, gt.loadRes(results), "segm")
@@ -318,39 +318,48 @@ def _model_folder(store_root: Path, dst: Path) -> list[Path]:
 @pytest.mark.slow
 def test_the_registered_model_in_mlflow_predicts_what_infer_writes(ray_local, registered, store, tmp_path):
     """`mlflow.pyfunc.load_model("models:/NAME@champion")` in a fresh process (MLflow's loader,
-    executing the logged code file) returns for real image files the rows `mrcnn-infer` wrote.
-    A version registered before logged models (three files under a run's `model/`) segments in
-    `mrcnn-infer` as the same weights logged today."""
+    executing the logged code file) returns for real image files the rows `mrcnn-infer` wrote, in
+    fp32 and in bf16 (`infer.precision` and the pyfunc's `precision` param; the bf16 rows differ
+    from the fp32 ones). A version registered before logged models (three files under a run's
+    `model/`) segments in `mrcnn-infer` as the same weights logged today."""
     files = _model_folder(store[0], tmp_path / "images")
     rows = {}
-    for alias in ("champion", "legacy"):
-        infer.run(job(tmp_path, str(tmp_path / "images"), str(tmp_path / alias), registered, "infer.overlays=0",
-                      f"infer.model=models:/shapes-infer@{alias}"))
-        rows[alias] = {r["path"]: {k: v for k, v in r.items() if not k.startswith("model")}
-                       for r in rows_of(tmp_path / alias)}
-    assert rows["legacy"] == rows["champion"] and len(rows["legacy"]) == 5
-    written = rows["champion"]
+    for alias, precision in (("champion", "fp32"), ("legacy", "fp32"), ("champion", "bf16")):
+        out = tmp_path / f"{alias}-{precision}"
+        infer.run(job(tmp_path, str(tmp_path / "images"), str(out), registered, "infer.overlays=0",
+                      f"infer.model=models:/shapes-infer@{alias}", f"infer.precision={precision}"))
+        rows[alias, precision] = {r["path"]: {k: v for k, v in r.items() if not k.startswith("model")}
+                                  for r in rows_of(out)}
+    assert rows["legacy", "fp32"] == rows["champion", "fp32"] and len(rows["legacy", "fp32"]) == 5
+    assert rows["champion", "bf16"] != rows["champion", "fp32"]
     script = (
         "import json, sys, mlflow, pandas as pd\n"
         "model = mlflow.pyfunc.load_model('models:/shapes-infer@champion')\n"
-        "paths = sys.argv[1:]\n"
-        "rows = model.predict(pd.DataFrame({'image': [open(p, 'rb').read() for p in paths]}),\n"
-        "                     params={'score_threshold': 0.05, 'max_detections': 20})\n"
-        "print(json.dumps(rows.to_dict('records')))\n")
+        "frame = pd.DataFrame({'image': [open(p, 'rb').read() for p in sys.argv[1:]]})\n"
+        "for precision in ('fp32', 'bf16'):\n"
+        "    rows = model.predict(frame, params={'score_threshold': 0.05, 'max_detections': 20,\n"
+        "                                        'precision': precision})\n"
+        "    print(json.dumps(rows.to_dict('records')))\n")
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "OMP_NUM_THREADS": "1"}  # as one-CPU actors
     done = subprocess.run([sys.executable, "-c", script, *map(str, files)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    served = json.loads(done.stdout.strip().splitlines()[-1])
-    assert any(r["boxes"] for r in served), "degenerate: no detections to compare"
-    for path, row in zip(files, served):
-        want = written[str(path)]
-        assert row["error"] is None and (row["width"], row["height"]) == (want["width"], want["height"])
-        assert row["labels"] == want["labels"] and row["category_names"] == want["category_names"]
-        assert [m["counts"] for m in row["masks"]] == [m["counts"] for m in want["masks"]]
-        assert torch.allclose(torch.tensor(row["boxes"]).reshape(-1, 4), torch.tensor(want["boxes"]).reshape(-1, 4),
-                              atol=1e-4)
-        assert torch.allclose(torch.tensor(row["scores"]), torch.tensor(want["scores"]), atol=1e-6)
+    served = [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
+    assert any(r["boxes"] for r in served[0]), "degenerate: no detections to compare"
+    for precision, rows_served in zip(("fp32", "bf16"), served):
+        written = rows["champion", precision]
+        for path, row in zip(files, rows_served):
+            same_row(row, written[str(path)])
+
+
+def same_row(row: dict, want: dict) -> None:
+    """A row the pyfunc returned is the one `mrcnn-infer` wrote for the same image."""
+    assert row["error"] is None and (row["width"], row["height"]) == (want["width"], want["height"])
+    assert row["labels"] == want["labels"] and row["category_names"] == want["category_names"]
+    assert [m["counts"] for m in row["masks"]] == [m["counts"] for m in want["masks"]]
+    assert torch.allclose(torch.tensor(row["boxes"]).reshape(-1, 4), torch.tensor(want["boxes"]).reshape(-1, 4),
+                          atol=1e-4)
+    assert torch.allclose(torch.tensor(row["scores"]), torch.tensor(want["scores"]), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -24,6 +24,9 @@ def validate(cfg: JobConfig, job: str = "train", cpus: float | None = None) -> N
     errors = model_errors(cfg) + data_errors(cfg.data) + storage_errors(cfg)
     if job in ("train", "sweep"):
         errors += trainer_errors(cfg.trainer)
+        errors += precision_errors("trainer.precision", cfg.trainer.precision, cfg.trainer.use_gpu)
+    if job in ("infer", "evaluate", "promote"):
+        errors += precision_errors("infer.precision", cfg.infer.precision, cfg.infer.num_gpus > 0)
     if job == "sweep":
         errors += sweep_errors(cfg)
     if job == "infer":
@@ -75,8 +78,30 @@ def data_errors(data: DataConfig) -> list[str]:
     return errors
 
 
+def precision_errors(key: str, precision: str, gpu: bool) -> list[str]:
+    """Whether the devices `key` computes on can run `precision` (a CPU's bf16 instructions are
+    looked for on this machine: a cluster's CPU nodes are taken to be of its kind)."""
+    if precision == "fp32":
+        return []
+    if precision == "fp16" and not gpu:
+        return [f"{key}=fp16 needs CUDA GPUs (trainer.use_gpu=true, infer.num_gpus > 0); on CPUs use bf16 or fp32"]
+    if precision not in ("bf16", "fp16"):
+        return [f"{key}={precision!r} must be fp32, bf16 or fp16"]
+    if not gpu:
+        from mrcnn.precision import unsupported
+
+        why = unsupported(precision, "cpu")
+        if why:
+            return [f"{key}={precision}: {why}"]
+    return []
+
+
 def trainer_errors(trainer: TrainerConfig) -> list[str]:
     errors = []
+    if trainer.amp is not None:
+        errors.append("trainer.amp is replaced by trainer.precision: write trainer.precision=fp16 for what "
+                      "amp=true did on GPUs (autocast with a gradient scaler), bf16 for bf16 (GPUs, and CPUs with "
+                      "bf16 instructions), or drop it for fp32")
     for key in ("num_workers", "epochs", "batch_size", "cpus_per_worker", "log_every_steps",
                 "num_to_keep", "checkpoint_every_epochs", "eval_every_epochs"):
         if getattr(trainer, key) <= 0:

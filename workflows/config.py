@@ -86,7 +86,10 @@ class TrainerConfig:
     cpus_per_worker: int = 1
     # Ray placement of the workers: PACK fills a node first, SPREAD puts them on different nodes.
     placement_strategy: str = "PACK"
-    amp: bool = False  # autocast + GradScaler; used on GPU only
+    # Compute precision (mrcnn.precision): fp32; bf16 (CUDA, or CPUs with bf16 instructions);
+    # fp16 (CUDA, with a gradient scaler). The per-epoch evaluation follows it.
+    precision: str = "fp32"
+    amp: Optional[bool] = None  # replaced by `precision`: set, the job stops saying what to write
     epochs: int = 1
     batch_size: int = 2  # per worker
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -170,6 +173,9 @@ class InferConfig:
     decode_threads: int = 1  # per predictor actor: threads that read and decode a batch's images
     score_threshold: float = 0.5
     max_detections: int = 100
+    # Compute precision of the predictors (mrcnn-infer, mrcnn-evaluate, promote): fp32, bf16
+    # (CUDA, or CPUs with bf16 instructions) or fp16 (CUDA). Boxes and masks are written as fp32.
+    precision: str = "fp32"
     # Images whose header claims more pixels than this become error rows (never decoded).
     max_pixels: int = 100_000_000
     # Rerun: retry the inputs whose row holds an error (their old rows are removed first).

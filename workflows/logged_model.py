@@ -80,13 +80,20 @@ def _requirements() -> list[str]:
             f"pillow=={PIL.__version__}", f"pandas=={pd.__version__}", f"pycocotools=={version('pycocotools')}"]
 
 
-def _signature():
+def _signature(precision: str):
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
-    params = ParamSchema([ParamSpec("score_threshold", "double", 0.5), ParamSpec("max_detections", "long", 100)])
+    params = ParamSchema([ParamSpec("score_threshold", "double", 0.5), ParamSpec("max_detections", "long", 100),
+                          ParamSpec("precision", "string", precision)])
     return ModelSignature(inputs=inputs, params=params)
+
+
+def trained_precision(checkpoint: dict[str, Any]) -> str:
+    """The precision a checkpoint was trained in (`trainer.precision`; fp32 before it existed):
+    its logged model's default at predict time."""
+    return ((checkpoint.get("config") or {}).get("trainer") or {}).get("precision") or "fp32"
 
 
 def _input_example() -> pd.DataFrame:
@@ -117,7 +124,8 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: dict[str, Any], step: 
                          "label_map": f"{tmp}/label_map.json"}
             mlflow.pyfunc.log_model(
                 name=ARTIFACT_PATH, model_id=model.model_id, python_model=str(PYFUNC_FILE), artifacts=artifacts,
-                code_paths=[str(Path(mrcnn.__file__).parent)], signature=_signature(),
+                code_paths=[str(Path(mrcnn.__file__).parent)], signature=_signature(trained_precision(checkpoint)),
+                model_config={"precision": trained_precision(checkpoint)},
                 input_example=_input_example(), pip_requirements=_requirements())
     client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step)])
     # The same points, linked (as MLflow links a model's metrics): the run's history is unchanged.

@@ -7,7 +7,9 @@ unpickled.
 predict(DataFrame) -> DataFrame, one row per input row:
     input   `image`: encoded image bytes (JPEG, PNG, ...; base64 in a JSON request to the
             scoring server), or `path`: a local path to an image file
-    params  `score_threshold` (0.5), `max_detections` (100)
+    params  `score_threshold` (0.5), `max_detections` (100), `precision` (the one the model was
+            trained in, recorded in its signature: fp32, bf16 or fp16; a recorded one this device
+            cannot run falls back to fp32 with a warning, a requested one is an error)
     output  `width`, `height`, `boxes`, `scores`, `labels` (category ids), `category_names`,
             `masks` (COCO RLE: {"size": [H, W], "counts": str}), `error` (None when fine)
 """
@@ -36,12 +38,25 @@ class MaskRCNNModel(PythonModel):
         self.model = build_from_state(config, load_weights_file(files["weights"])).eval()
         self.labels = CategoryMap.from_dict(json.loads(Path(files["label_map"]).read_text()))
         self.device = torch.device("cpu")
+        # The precision the model was trained in, recorded when it was logged.
+        self.default_precision = (getattr(context, "model_config", None) or {}).get("precision", "fp32")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from mrcnn.precision import unsupported
         from mrcnn.segment import ROW_FIELDS, segment_encoded
 
-        params = {**DEFAULT_PARAMS, **(params or {})}
+        params = {**DEFAULT_PARAMS, "precision": self.default_precision, **(params or {})}
         self.model.set_detection_limits(params["score_threshold"], params["max_detections"])
+        precision = params["precision"]
+        why = unsupported(precision, self.device)
+        if why and precision != self.default_precision:
+            raise ValueError(f"params precision={precision}: {why}")
+        if why:
+            import warnings
+
+            warnings.warn(f"the model's precision {precision} cannot run here ({why}): fp32 instead", stacklevel=2)
+            precision = "fp32"
+        self.model.set_precision(precision)  # boxes, scores and masks come out fp32 in any precision
         items = [_image_bytes(model_input, i) for i in range(len(model_input))]
         rows = segment_encoded(self.model, items, self.labels, self.device)
         return pd.DataFrame(rows, columns=list(ROW_FIELDS), dtype=object)

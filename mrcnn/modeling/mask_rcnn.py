@@ -15,6 +15,7 @@ from mrcnn.modeling.postprocess import paste_masks, resize_boxes
 from mrcnn.modeling.roi_heads import RoIHeads
 from mrcnn.modeling.rpn import RegionProposalNetwork, RPNHead
 from mrcnn.modeling.transform import ImageTransform
+from mrcnn.precision import PRECISIONS, Precision
 
 
 class MaskRCNN(nn.Module):
@@ -39,6 +40,8 @@ class MaskRCNN(nn.Module):
         c = self.backbone.out_channels
         self.rpn = RegionProposalNetwork(anchors, RPNHead(c, anchors.num_anchors_per_location()), cfg.rpn)
         self.roi_heads = RoIHeads(cfg.roi_heads, c, cfg.num_classes)
+        # The compute precision (`set_precision`), shared with the RPN and the RoI heads.
+        self.precision = self.rpn.precision = self.roi_heads.precision = Precision()
         if cfg.backbone.channels_last:  # the RPN and mask heads' convolutions too (the backbone is already)
             self.rpn.to(memory_format=torch.channels_last)
             self.roi_heads.to(memory_format=torch.channels_last)
@@ -48,6 +51,13 @@ class MaskRCNN(nn.Module):
         per image (masks are computed only for those)."""
         self.cfg.roi_heads.score_thresh = float(score_threshold)
         self.cfg.roi_heads.detections_per_img = int(max_detections)
+        return self
+
+    def set_precision(self, precision: str) -> MaskRCNN:
+        """Where the model computes in bf16 or fp16 (`mrcnn.precision`): "fp32", "bf16" or "fp16"."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.precision.name = precision
         return self
 
     def forward(
@@ -62,7 +72,9 @@ class MaskRCNN(nn.Module):
         self._check_inputs(images, targets)
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, targets = self.transform(images, targets if self.training else None)
-        features = self.backbone(batch)
+        with self.precision.region(batch.device):
+            features = self.backbone(batch)
+        features = self.precision.fp32(features)
         proposals, rpn_losses = self.rpn(tuple(batch.shape[-2:]), sizes, list(features.values()), targets)
         detections, roi_losses = self.roi_heads(features, proposals, sizes, targets)
         if self.training:

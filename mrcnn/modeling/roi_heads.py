@@ -12,6 +12,7 @@ from mrcnn.modeling.box_coding import BoxCoder
 from mrcnn.modeling.losses import fastrcnn_loss, maskrcnn_loss
 from mrcnn.modeling.roi_align import MultiScaleRoIAlign
 from mrcnn.modeling.sampling import BalancedPositiveNegativeSampler, Matcher
+from mrcnn.precision import Precision
 
 FEATURE_NAMES = ["0", "1", "2", "3"]  # RoIs pool from P2-P5; P6 serves the RPN only
 
@@ -100,6 +101,7 @@ class RoIHeads(nn.Module):
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=False)
         self.sampler = BalancedPositiveNegativeSampler(cfg.batch_size_per_image, cfg.positive_fraction)
+        self.precision = Precision()  # its heads' (the model shares its own)
 
     def forward(
         self, features: dict[str, Tensor], proposals: list[Tensor],
@@ -116,8 +118,10 @@ class RoIHeads(nn.Module):
             if targets is None:
                 raise ValueError("targets are required in training mode")
             proposals, matched_idxs, labels, regression_targets = self._sample(proposals, targets)
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))
-        class_logits, box_regression = self.box_predictor(box_features)
+        pooled = self.box_roi_pool(features, proposals, image_sizes)
+        with self.precision.region(pooled.device):
+            class_logits, box_regression = self.box_predictor(self.box_head(pooled))
+        class_logits, box_regression = self.precision.fp32((class_logits, box_regression))
 
         if self.training:
             labels_cat = torch.cat(labels)
@@ -143,7 +147,10 @@ class RoIHeads(nn.Module):
 
     def _mask_logits(self, features: dict[str, Tensor], boxes: list[Tensor],
                      image_sizes: list[tuple[int, int]]) -> Tensor:
-        return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_sizes)))
+        pooled = self.mask_roi_pool(features, boxes, image_sizes)
+        with self.precision.region(pooled.device):
+            logits = self.mask_predictor(self.mask_head(pooled))
+        return self.precision.fp32(logits)
 
     def _sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
         """Add the gt boxes to the proposals, match them (IoU 0.5), sample 512 a image (25 % fg).

@@ -11,6 +11,7 @@ from mrcnn.modeling.anchors import AnchorGenerator
 from mrcnn.modeling.box_coding import BoxCoder
 from mrcnn.modeling.losses import rpn_loss
 from mrcnn.modeling.sampling import BalancedPositiveNegativeSampler, Matcher
+from mrcnn.precision import Precision
 
 
 class RPNHead(nn.Module):
@@ -57,6 +58,7 @@ class RegionProposalNetwork(nn.Module):
         self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=True)
         self.sampler = BalancedPositiveNegativeSampler(cfg.batch_size_per_image, cfg.positive_fraction)
         self.min_size = 1e-3
+        self.precision = Precision()  # its head's (the model shares its own)
 
     def forward(
         self, padded_size: tuple[int, int], image_sizes: list[tuple[int, int]],
@@ -67,7 +69,9 @@ class RegionProposalNetwork(nn.Module):
 
         Returns per image proposals float[P_i, 4] and, in training, the two RPN losses.
         """
-        logits, deltas = self.head(features)
+        with self.precision.region(features[0].device):
+            logits, deltas = self.head(features)
+        logits, deltas = self.precision.fp32((logits, deltas))
         anchors = self.anchor_generator(padded_size, features)
         num_per_level = [t.shape[1] * t.shape[2] * t.shape[3] for t in logits]
         objectness = _flatten_levels(logits, 1)[..., 0]  # [B, A_total]

@@ -65,7 +65,7 @@ class ModelActor:
         self.device = torch.device("cuda" if infer.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.loaded = [load_model(m.uri, tracking_uri) for m in models]
         for loaded in self.loaded:
-            loaded.model.eval().to(self.device)
+            loaded.model.set_precision(infer.precision).eval().to(self.device)
         self.s3, self.max_pixels = s3, infer.max_pixels
         # Reading and decoding release the GIL: threads overlap them (object-store latency,
         # large JPEGs feeding a GPU).

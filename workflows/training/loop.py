@@ -97,7 +97,7 @@ def setup(cfg: JobConfig, run: TrainingRun) -> Worker:
     reuse_large_blocks()
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    model = build_model(run.model)
+    model = build_model(run.model).set_precision(trainer.precision)  # the per-epoch evaluation's too
     if run.init_weights:
         start_from(model, run.init_weights, run.tracking_uri, say_it=rank == 0)
     model = ray.train.torch.prepare_model(model)
@@ -113,7 +113,8 @@ def setup(cfg: JobConfig, run: TrainingRun) -> Worker:
     # more than its share of an epoch, and then every rank makes more steps of fewer images each.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda _: lr_factor(progress.position, total_steps, trainer.optimizer))
-    scaler = torch.amp.GradScaler("cuda", enabled=trainer.amp and device.type == "cuda")
+    # fp16's narrow range needs the loss scaled (bf16 has fp32's range and does not).
+    scaler = torch.amp.GradScaler("cuda", enabled=trainer.precision == "fp16" and device.type == "cuda")
     logger = RunLogger(run.tracking_uri, run.run_id) if rank == 0 else None
     if rank == 0:
         say(f"{world} worker(s), {torch.get_num_threads()} torch threads each")
@@ -292,7 +293,7 @@ def train_loop(cfg: JobConfig, run: TrainingRun) -> None:
                                                 local_shuffle_buffer_size=4 * trainer.batch_size))
         step, stats = train_one_epoch(
             w.model, w.optimizer, w.scheduler, w.scaler, batches, w.device, step, w.progress, max_steps,
-            amp=w.scaler.is_enabled(), grad_clip_norm=trainer.optimizer.grad_clip_norm,
+            grad_clip_norm=trainer.optimizer.grad_clip_norm,
             on_step=StepLogger(w, epoch, step, steps_logged))
         metrics: dict[str, float] = {"epoch": epoch, "epochs_completed": epoch + 1, "step": step}
         metrics.update({f"epoch_{k}": v for k, v in stats.mean_losses().items()})

@@ -64,7 +64,6 @@ def train_one_epoch(
     step: int,
     progress: Progress,
     max_steps: int = 0,
-    amp: bool = False,
     grad_clip_norm: float | None = None,
     on_step: Callable[[int, dict[str, float], EpochStats], None] | None = None,
 ) -> tuple[int, EpochStats]:
@@ -96,8 +95,7 @@ def train_one_epoch(
         if batch is None:
             images, targets = spare or blank_input(device)
         t1 = time.perf_counter()
-        with torch.autocast(device.type, enabled=amp):
-            losses = model(images, targets)
+        losses = model(images, targets)  # in the model's precision (`set_precision`), the losses fp32
         loss = sum(losses.values())
         if n and not torch.isfinite(loss):
             raise FloatingPointError(
