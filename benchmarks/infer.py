@@ -1,7 +1,7 @@
 """Batch inference at store scale: memory per process kind, and the pipeline against the model alone.
 
     python benchmarks/infer.py [--images 20000] [--compare 2000] [--size 128] [--threads 2]
-                               [--entries 1000000] [--parts speed memory driver]
+                               [--entries 1000000] [--parts speed precision memory driver]
 
 The model: the default r18_fpn_small config with fixed random weights, score threshold 0.05 and
 20 detections an image, so every row carries boxes and RLE masks. The store: N generated shapes
@@ -19,6 +19,9 @@ JPEGs of `--size` px.
    output of as many rows (Parquet files of `infer.rows_per_file`); the time and the driver's
    resident memory to read the output's done paths, read the manifest and filter out what is
    done, as a rerun does before any work.
+
+4. Precision (`--parts precision`). The first `--compare` images through `mrcnn-infer` in fp32,
+   then with `infer.precision=bf16`, each on a fresh Ray instance: images/s of both, their ratio.
 
 Prints the machine's fp32 matrix-product rate beside the figures; writes JSON.
 """
@@ -54,11 +57,11 @@ KINDS = ("driver", "predictor", "ray worker", "ray system")
 ROWS_PER_FILE = 200
 
 
-def infer_job(work: Path, store: Path, out: Path, ckpt: Path, a) -> dict:
+def infer_job(work: Path, store: Path, out: Path, ckpt: Path, a, precision: str = "fp32"):
     return compose_job([f"output_dir={work}", f"infer.input={store}", f"infer.output={out}", f"infer.model={ckpt}",
                         f"infer.batch_size={a.batch}", f"infer.torch_threads={a.threads}", "infer.overlays=0",
                         f"infer.rows_per_file={ROWS_PER_FILE}", "infer.score_threshold=0.05",
-                        "infer.max_detections=20"])
+                        "infer.max_detections=20", f"infer.precision={precision}"])
 
 
 def run_fresh(job: dict, memory: ProcessMemory | None = None):
@@ -140,6 +143,21 @@ def speed(work: Path, files: list[Path], model, ckpt: Path, a) -> dict:
             "ratio": s.images_per_s / alone, "detections_per_image": s.detections / s.images}
 
 
+def precisions(work: Path, files: list[Path], ckpt: Path, a) -> dict:
+    """The first `a.compare` images through the pipeline in fp32, then in bf16 (`infer.precision`)."""
+    subset = work / "subset_precision"
+    subset.mkdir()
+    for f in files[:a.compare]:
+        os.symlink(f, subset / f.name)
+    rates = {}
+    for precision in ("fp32", "bf16"):
+        s = run_fresh(infer_job(work, subset, work / f"rows_{precision}", ckpt, a, precision))
+        assert s.images == a.compare and s.errors == 0, s
+        rates[precision] = s.images_per_s
+    return {"images": a.compare, "fp32_images_per_s": rates["fp32"], "bf16_images_per_s": rates["bf16"],
+            "ratio": rates["bf16"] / rates["fp32"]}
+
+
 def memory(work: Path, store: Path, ckpt: Path, a) -> dict:
     """The whole store through the pipeline, every process sampled."""
     out = work / "rows_all"
@@ -159,14 +177,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--entries", type=int, default=1_000_000)
-    p.add_argument("--parts", nargs="+", choices=["speed", "memory", "driver"], default=["speed", "memory", "driver"])
+    p.add_argument("--parts", nargs="+", choices=["speed", "precision", "memory", "driver"],
+                   default=["speed", "memory", "driver"])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/infer.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="mrcnn-bench-infer-"))
     gflops = matmul_gflops()
     report: dict = {"matmul_gflops": gflops, "threads": a.threads, "size": a.size}
-    if {"speed", "memory"} & set(a.parts):
+    if {"speed", "precision", "memory"} & set(a.parts):
         cfg = compose_job([f"output_dir={work}", "model.num_classes=4"])
         torch.manual_seed(0)
         model = build_model(cfg.model)
@@ -179,6 +198,8 @@ def main() -> None:
         print(f"store: {len(files)} images of {a.size} px in {time.time() - t0:.0f} s")
         if "speed" in a.parts:
             report["speed"] = speed(work, files, model, ckpt, a)
+        if "precision" in a.parts:
+            report["precision"] = precisions(work, files, ckpt, a)
         if "memory" in a.parts:
             report["memory"] = memory(work, store, ckpt, a)
     if "driver" in a.parts:
@@ -190,6 +211,10 @@ def main() -> None:
         print(f"speed, {r['images']} images: model alone {r['model_alone_images_per_s']:.2f} img/s, pipeline "
               f"{r['pipeline_images_per_s']:.2f} img/s, ratio {r['ratio']:.2f} ({r['detections_per_image']:.1f} "
               "detections an image)")
+    if "precision" in report:
+        r = report["precision"]
+        print(f"precision, {r['images']} images through the pipeline: fp32 {r['fp32_images_per_s']:.2f} img/s, "
+              f"bf16 {r['bf16_images_per_s']:.2f} img/s, ratio {r['ratio']:.2f}")
     if "memory" in report:
         r = report["memory"]
         print(f"memory, {r['images']} images in {r['seconds']:.0f} s ({r['images_per_s']:.1f} img/s, "

@@ -256,8 +256,12 @@ def test_two_hosts_train_lose_a_host_resume_segment_and_sweep_through_a_bucket(t
             [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
         assert len(trials) == 3 and len({t.data.tags["ray.worker_nodes"] for t in trials.values()}) == 2, \
             [t.data.tags for t in trials.values()]
+        # Each trial's run ended when its trial did (its last report), not when the sweep did.
+        for r in rows:
+            assert abs(trials[r["trial_id"]].info.end_time / 1000 - r["ended"]) < 60, (r, trials[r["trial_id"]].info)
         for r in rows:
             trial = trials[r["trial_id"]]
+            assert trial.info.status == "FINISHED"
             assert trial.data.tags["sweep.status"] == r["status"]
             logged = len(mlflow.get_metric_history(trial.info.run_id, "train/epoch_loss_classifier"))
             # A trial ASHA stops may finish the epoch it is in: at most one more than Tune recorded.
