@@ -14,9 +14,10 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's fp32 matrix-product rate with the current torch threads (best of `repeats`)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matrix-product rate in `dtype` (fp32 unless said) with the current torch
+    threads (best of `repeats`)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):

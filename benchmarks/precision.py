@@ -34,18 +34,6 @@ from tests.helpers.oracle import make_pair  # noqa: E402
 from workflows.runtime.allocator import reuse_large_blocks  # noqa: E402
 
 
-def bf16_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's bf16 matrix-product rate with the current torch threads (best of `repeats`)."""
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -56,7 +44,7 @@ def main() -> None:
     if not cpu_has_bf16():
         raise SystemExit("this CPU has no bf16 instructions: nothing to compare")
     reuse_large_blocks()
-    rates = {"fp32": matmul_gflops(), "bf16": bf16_gflops()}
+    rates = {"fp32": matmul_gflops(), "bf16": matmul_gflops(dtype=torch.bfloat16)}
     g = torch.Generator().manual_seed(0)
     tv, ours = make_pair("resnet50", min_size=a.size, max_size=a.size)
     images = [torch.rand(3, a.size, a.size, generator=g) for _ in range(a.batch)]
