@@ -6,6 +6,7 @@ Each message names the key and what to set.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from workflows.config import DataConfig, InferConfig, JobConfig, TrainerConfig, value_at, with_values
@@ -60,7 +61,7 @@ def storage_errors(cfg: JobConfig) -> list[str]:
 def model_errors(cfg: JobConfig) -> list[str]:
     model = cfg.model
     if model.num_classes == 0:  # filled from the dataset later; check the rest
-        model = with_values(cfg, {"model.num_classes": 2}).model
+        model = dataclasses.replace(model, num_classes=2)
     return model.errors()
 
 

@@ -113,6 +113,7 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: dict[str, Any], step: 
     client = mlflow_client(tracking_uri)
     run = client.get_run(run_id)
     step = step or 0
+    precision = trained_precision(checkpoint)  # the pyfunc's default at predict time
     with fluent_api_at(tracking_uri):
         # Created apart from the run: logged inside it, MLflow would link every metric the run has
         # at `step` (losses, lr, throughput) to the model, and the Models tab would show those first.
@@ -124,8 +125,8 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: dict[str, Any], step: 
                          "label_map": f"{tmp}/label_map.json"}
             mlflow.pyfunc.log_model(
                 name=ARTIFACT_PATH, model_id=model.model_id, python_model=str(PYFUNC_FILE), artifacts=artifacts,
-                code_paths=[str(Path(mrcnn.__file__).parent)], signature=_signature(trained_precision(checkpoint)),
-                model_config={"precision": trained_precision(checkpoint)},
+                code_paths=[str(Path(mrcnn.__file__).parent)], signature=_signature(precision),
+                model_config={"precision": precision},
                 input_example=_input_example(), pip_requirements=_requirements())
     client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step)])
     # The same points, linked (as MLflow links a model's metrics): the run's history is unchanged.
