@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from workflows.config import DataConfig, InferConfig, JobConfig, TrainerConfig, value_at, with_values
+from workflows.config import DataConfig, InferConfig, JobConfig, ServeConfig, TrainerConfig, value_at, with_values
 from workflows.storage import is_s3
 
-JOBS = ("train", "sweep", "evaluate", "promote", "infer")
+JOBS = ("train", "sweep", "evaluate", "promote", "infer", "serve")
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform")
 SEARCHERS = ("grid", "random", "optuna")
 
@@ -34,6 +34,9 @@ def validate(cfg: JobConfig, job: str = "train", cpus: float | None = None) -> N
         errors += infer_errors(cfg.infer)
     if job in ("infer", "evaluate", "promote"):  # their models predict on the predictor actors
         errors += predictor_errors(cfg.infer, cpus)
+    if job == "serve":
+        errors += serve_errors(cfg.serve, cpus)
+        errors += precision_errors("serve.precision", cfg.serve.precision, cfg.serve.num_gpus > 0)
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -150,6 +153,37 @@ def predictor_errors(infer: InferConfig, cpus: float | None) -> list[str]:
         errors.append(f"infer.concurrency={infer.concurrency} x infer.cpus_per_actor={infer.cpus_per_actor:g} "
                       f"= {held:g} CPUs for the predictors leaves too little of this machine's {cpus:g} CPUs for "
                       "writing (0.25): lower infer.concurrency or infer.cpus_per_actor")
+    return errors
+
+
+def serve_errors(serve: ServeConfig, cpus: float | None) -> list[str]:
+    errors = []
+    for key in ("port", "max_batch_size", "min_replicas", "max_replicas", "max_ongoing_requests", "max_pixels",
+                "max_detections", "max_body_mb", "target_ongoing_requests", "log_every_s"):
+        if getattr(serve, key) <= 0:
+            errors.append(f"serve.{key}={getattr(serve, key)} must be > 0")
+    for key in ("batch_wait_timeout_s", "num_cpus", "num_gpus", "torch_threads", "follow_every_s", "retry_after_s"):
+        if getattr(serve, key) < 0:
+            errors.append(f"serve.{key}={getattr(serve, key)} must be >= 0")
+    if serve.min_replicas > serve.max_replicas:
+        errors.append(f"serve.min_replicas={serve.min_replicas} is above serve.max_replicas={serve.max_replicas}")
+    if serve.max_ongoing_requests < serve.max_batch_size:
+        errors.append(f"serve.max_ongoing_requests={serve.max_ongoing_requests} caps each batch below "
+                      f"serve.max_batch_size={serve.max_batch_size}: raise it to at least the batch size")
+    if serve.max_queued_requests < 1 and serve.max_queued_requests != -1:
+        errors.append(f"serve.max_queued_requests={serve.max_queued_requests} must be > 0 (-1: unbounded, "
+                      "requests wait however long the queue grows)")
+    if serve.overload_status not in (429, 503):
+        errors.append(f"serve.overload_status={serve.overload_status} must be 429 or 503")
+    if not 0 <= serve.score_threshold <= 1:
+        errors.append(f"serve.score_threshold={serve.score_threshold} must be in [0, 1]")
+    if not serve.route_prefix.startswith("/"):
+        errors.append(f"serve.route_prefix={serve.route_prefix!r} must start with /")
+    if serve.token_env is not None and not serve.token_env:
+        errors.append("serve.token_env is empty: name an environment variable holding the token, or drop the key")
+    if cpus is not None and serve.min_replicas * serve.num_cpus > cpus:
+        errors.append(f"serve.min_replicas={serve.min_replicas} x serve.num_cpus={serve.num_cpus:g} CPUs do not fit "
+                      f"in this machine's {cpus:g} CPUs: lower one of them")
     return errors
 
 

@@ -4,6 +4,7 @@
     mrcnn-tune     [Hydra overrides]          workflows.jobs.tune.run
     mrcnn-evaluate +weights=URI [+split=val]  workflows.jobs.evaluate.run
     mrcnn-infer    infer.input=... infer.output=...   workflows.jobs.infer.run
+    mrcnn-serve    [serve.model=models:/NAME@ALIAS]   workflows.jobs.serve.run
     mrcnn-models   list|register|alias|promote        workflows.jobs.models
     mrcnn-shapes   --out DIR                  mrcnn.data.shapes
 
@@ -47,6 +48,13 @@ def tune(cfg: DictConfig) -> None:
 @_hydra_main
 def infer(cfg: DictConfig) -> None:
     from workflows.jobs import infer as job
+
+    job.run(typed(cfg))
+
+
+@_hydra_main
+def serve(cfg: DictConfig) -> None:
+    from workflows.jobs import serve as job
 
     job.run(typed(cfg))
 

@@ -6,7 +6,7 @@ boundary where Hydra's composed config becomes typed objects, and what a job der
     trial = with_values(cfg, {"model.backbone.name": "resnet34"})   # a new object (sweeps)
 
 Each default lives here, once; YAML under conf/ holds only what differs, in the groups model/,
-data/, trainer/, tracking/, sweep/, infer/ and experiment/. Unknown keys and wrong types fail
+data/, trainer/, tracking/, sweep/, infer/, serve/ and experiment/. Unknown keys and wrong types fail
 when Hydra composes; `workflows.checks.validate` checks values before any Ray work.
 """
 
@@ -189,6 +189,51 @@ class InferConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`mrcnn-serve`: a registered model online on Ray Serve, following its alias."""
+
+    # models:/NAME@ALIAS (followed: the endpoint moves when the alias does), models:/NAME/VERSION,
+    # runs:/RUN_ID/model or a checkpoint.pt path.
+    model: str = "models:/maskrcnn@champion"
+    name: str = "mrcnn"  # the Serve application
+    route_prefix: str = "/"
+    # The proxy binds this address on every node: keep 127.0.0.1 unless the port sits on a
+    # private network (0.0.0.0 on a cluster, behind its network's controls).
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # The name of an environment variable holding a bearer token: requests without it get 401.
+    token_env: Optional[str] = None
+    max_body_mb: float = 32.0  # larger request bodies get 413
+    max_pixels: int = 100_000_000  # images whose header claims more are refused (400)
+    # Defaults of the `score_threshold` and `max_detections` query parameters.
+    score_threshold: float = 0.5
+    max_detections: int = 100
+    precision: str = "fp32"  # fp32, bf16 (CUDA, or CPUs with bf16 instructions), fp16 (CUDA)
+    # Concurrent requests a replica predicts in one model call: up to max_batch_size images,
+    # waiting at most batch_wait_timeout_s for the batch to fill.
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.01
+    # Replicas: autoscaled between min and max on the requests in flight per replica.
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 4.0
+    max_replicas_per_node: Optional[int] = None
+    num_cpus: float = 1.0  # per replica
+    num_gpus: float = 0.0  # per replica
+    torch_threads: int = 0  # per replica (0: num_cpus, at least 1)
+    # Overload: a replica takes max_ongoing_requests at once (at least max_batch_size), each proxy
+    # queues max_queued_requests more; past that, `overload_status` (503 or 429) with Retry-After.
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 32
+    overload_status: int = 503
+    retry_after_s: int = 1
+    # Seconds between the registry reads that follow an alias (0: the version at start, kept).
+    follow_every_s: float = 5.0
+    # Seconds between the request counts and latency percentiles logged to the MLflow run.
+    log_every_s: float = 30.0
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -196,6 +241,7 @@ class JobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     # Ray Train run name: rerunning with the same name resumes from its last checkpoint.
     run_name: Optional[str] = None
     # Checkpoints, MLflow SQLite and the shapes data default under here (local or shared FS).
@@ -252,8 +298,8 @@ def as_dict(cfg: Any) -> dict[str, Any]:
 
 
 def training_params(cfg: JobConfig) -> dict[str, Any]:
-    """The config without the groups of other jobs (sweep, infer): a training run's params."""
-    return {k: v for k, v in as_dict(cfg).items() if k not in ("sweep", "infer")}
+    """The config without the groups of other jobs (sweep, infer, serve): a training run's params."""
+    return {k: v for k, v in as_dict(cfg).items() if k not in ("sweep", "infer", "serve")}
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,8 @@ class Job:
                         "worker_process_setup_hook": "workflows.runtime.consoles.quiet_ray_process"}
             ray.init(address=cfg.ray_address, log_to_driver=True,
                      logging_level=logging.INFO if cfg.verbose else logging.WARNING, **kwargs)
+            if self._sigterm is not None:  # ray.init puts its own (sys.exit) in place of the job's
+                signal.signal(signal.SIGTERM, self._on_sigterm)
         if not cfg.verbose:
             quiet_consoles("ray", "ray.data", "ray.train", "ray.tune")
         ctx = ray.data.DataContext.get_current()

@@ -1,0 +1,1 @@
+"""Online segmentation: the Ray Serve application of `mrcnn-serve`."""
