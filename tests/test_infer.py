@@ -15,23 +15,22 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mrcnn import build_model
 from mrcnn.checkpoint import write_model_files
 from mrcnn.data.images import decode_image
 from mrcnn.evaluation.coco_eval import coco_ground_truth
 from mrcnn.segment import predict_images
 from tests.helpers.jobs import compose_job
 from tests.helpers.processes import stopped_after
+from tests.helpers.registry import LABEL_MAP, TINY, assert_same_row, register_tiny_models, tiny_model
 from tests.helpers.s3server import s3_server, set_credentials, upload_folder
-from tests.helpers.servers import empty_mlflow_store, kill_job, ray_temp_dir
+from tests.helpers.servers import kill_job, ray_temp_dir
 from tests.helpers.stores import make_store
 from workflows.checks import validate
 from workflows.config import as_dict
 from workflows.inference.inputs import SCHEMA
 from workflows.inference.outputs import safe_name
 from workflows.jobs import infer
-from workflows.logged_model import load_model, log_model
-from workflows.registry import register_model
+from workflows.logged_model import load_model
 from workflows.tracking import mlflow_client, start_or_resume_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,19 +42,13 @@ def registered(tmp_path_factory, gapped_shapes):
     """A tiny model (ids 3, 7, 11) logged to a run and registered as shapes-infer@champion in
     a SQLite registry."""
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{empty_mlflow_store(root / 'mlflow.db')}"
-    cfg = compose_job(["model.transform.min_size=[64]", "model.transform.max_size=64", "model.num_classes=4"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    run_id = start_or_resume_run(uri, "maskrcnn", "infer-model", {"model": as_dict(cfg.model)})
-    client = mlflow_client(uri)
-    log_model(uri, run_id, {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
-                               "label_map": {"category_ids": [3, 7, 11], "names": ["circle", "square", "triangle"]}})
-    version = register_model(client, run_id, "shapes-infer", alias="champion")
+    uri, (version,) = register_tiny_models(root, "shapes-infer")
+    model, client = tiny_model(0), mlflow_client(uri)
+    cfg = compose_job(TINY)
     # The same weights as a version of the older layout: the three files under a run's model/.
     legacy_run = start_or_resume_run(uri, "maskrcnn", "infer-model-legacy", {"model": as_dict(cfg.model)})
     folder = write_model_files(root / "legacy" / "model", model.state_dict(), model.cfg.to_dict(),
-                               {"category_ids": [3, 7, 11], "names": ["circle", "square", "triangle"]})
+                               LABEL_MAP)
     client.log_artifacts(legacy_run, str(folder), "model")
     legacy = client.create_model_version("shapes-infer", f"{client.get_run(legacy_run).info.artifact_uri}/model",
                                          run_id=legacy_run)
@@ -353,17 +346,7 @@ def test_the_registered_model_in_mlflow_predicts_what_infer_writes(ray_local, re
     for precision, rows_served in zip(("fp32", "bf16"), served):
         written = rows["champion", precision]
         for path, row in zip(files, rows_served):
-            same_row(row, written[str(path)])
-
-
-def same_row(row: dict, want: dict) -> None:
-    """A row the pyfunc returned is the one `mrcnn-infer` wrote for the same image."""
-    assert row["error"] is None and (row["width"], row["height"]) == (want["width"], want["height"])
-    assert row["labels"] == want["labels"] and row["category_names"] == want["category_names"]
-    assert [m["counts"] for m in row["masks"]] == [m["counts"] for m in want["masks"]]
-    assert torch.allclose(torch.tensor(row["boxes"]).reshape(-1, 4), torch.tensor(want["boxes"]).reshape(-1, 4),
-                          atol=1e-4)
-    assert torch.allclose(torch.tensor(row["scores"]), torch.tensor(want["scores"]), atol=1e-6)
+            assert_same_row(row, written[str(path)])
 
 
 @pytest.mark.slow
