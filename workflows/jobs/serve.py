@@ -14,6 +14,7 @@ run. A failure before the endpoint answers stops the job with its error (the run
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -26,6 +27,7 @@ from workflows.jobs.frame import Job
 from workflows.tracking import log_metrics
 
 READY_TIMEOUT_S = 300.0
+log = logging.getLogger(__name__)
 
 
 def url_of(s: ServeConfig, host: str | None = None) -> str:
@@ -66,6 +68,18 @@ def stats_metrics(stats: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def log_stats(follower: Any, client: Any, run_id: str, step: int) -> dict[str, Any] | None:
+    """The follower's counts logged to the run; None when it cannot answer now (restarting on
+    another node after its own was lost): the serving goes on."""
+    try:
+        stats = follower.stats.remote().result(timeout_s=30)
+    except Exception as e:  # noqa: BLE001 - Serve's errors for an actor being replaced
+        log.warning("no request counts this time: %s", str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+        return None
+    log_metrics(client, run_id, stats_metrics(stats), step)
+    return stats
+
+
 def run(cfg: JobConfig) -> dict[str, Any]:
     from ray import serve
 
@@ -74,7 +88,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     with Job(cfg, "serve") as job:
         s = cfg.serve
         deployed = deployed_of(s, job.tracking_uri)
-        local = cfg.ray_address is None
+        local = cfg.ray_address is None and not os.environ.get("RAY_ADDRESS")  # not under `ray job submit`
         if local:
             check_port_free(s)
             if not cfg.verbose:  # Serve's request lines stay in its logs (/tmp/ray/session_latest/logs/serve)
@@ -100,15 +114,16 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                 while True:
                     time.sleep(s.log_every_s)
                     step += 1
-                    stats = follower.stats.remote().result(timeout_s=30)
-                    log_metrics(client, run_id, stats_metrics(stats), step)
+                    stats = log_stats(follower, client, run_id, step) or stats
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a server's normal end
                 print(f"stopping {s.name}", flush=True)
-            stats = follower.stats.remote().result(timeout_s=30)
-            log_metrics(client, run_id, stats_metrics(stats), step + 1)
+            stats = log_stats(follower, client, run_id, step + 1) or stats
             client.set_tag(run_id, "served_versions", json.dumps(stats.get("versions", [])))
-        finally:  # this job's Ray: all of Serve goes with it; a cluster's: this application
-            serve.shutdown() if local else serve.delete(s.name)
+        finally:
+            if local:  # this job's Ray: all of Serve goes with it
+                serve.shutdown()
+            else:  # a cluster's: this application, without waiting (`ray job stop` kills 3 s after SIGTERM)
+                serve.delete(s.name, _blocking=False)
         print(f"{stats.get('requests', 0)} requests; latency p50 {stats.get('latency_p50_ms', 0):.0f} ms, "
               f"p99 {stats.get('latency_p99_ms', 0):.0f} ms; versions served: {', '.join(stats.get('versions', []))}")
         return {"run_id": run_id, "tracking_uri": job.tracking_uri, "url": url, "stats": stats}
