@@ -12,6 +12,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -84,6 +85,9 @@ def test_two_hosts_train_lose_a_host_resume_segment_and_sweep_through_a_bucket(t
         # The hosts' Ray knows nothing of the bucket: the credentials travel with each job.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING"))}
         env["RAY_AUTH_MODE"] = "disabled"
+        # Serve's proxies send to their own node's replicas when they have one: host A's proxy is
+        # to spread requests over both hosts (as one in front of a cluster's replicas would).
+        env["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
         a.start(f"{BIN / 'ray'} start --head --node-ip-address {a.address} --port 6379 --dashboard-host 0.0.0.0 "
                 "--dashboard-port 8265 --num-cpus 3 --disable-usage-stats --block", env, str(tmp_path / "a.log"))
         dashboard = f"http://{a.address}:8265"
@@ -299,3 +303,86 @@ def test_two_hosts_train_lose_a_host_resume_segment_and_sweep_through_a_bucket(t
         assert "output_dir=/tmp/local-out is a local path that node(s)" in logs, logs[-3000:]
         assert "tracking.tracking_uri=sqlite:////tmp/local-out/mlflow.db is a local path" in logs
         assert "trainer.init_weights=/tmp/start/checkpoint.pt is a local path that node(s)" in logs
+
+        # Serving, left running by `ray job submit` as on any cluster: a replica on each host
+        # behind host A's proxy, both answering. Host B is lost under load: only requests in flight
+        # there fail (500; 2 of 348 here), every request is answered again within RECOVERY_S (1.9 s
+        # here) by A's replica alone, and `ray job stop` ends the run FINISHED.
+        serving = [*common, "serve.model=models:/two-hosts@champion", "serve.host=0.0.0.0", "serve.min_replicas=2",
+                   "serve.max_replicas=2", "serve.max_replicas_per_node=1", "serve.torch_threads=1",
+                   "serve.log_every_s=2"]
+        job = submit(client, "mrcnn-serve", serving, aws)
+        deadline = time.time() + 300
+        while "serving models:/two-hosts@champion" not in client.get_job_logs(job):
+            assert time.time() < deadline and not client.get_job_status(job).is_terminal(), \
+                client.get_job_logs(job)[-3000:]
+            time.sleep(1)
+        replicas = [r for r in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
+                    if r.class_name.endswith(":Segmenter")]
+        assert len({r.node_id for r in replicas}) == 2, replicas
+        answers = load_until(f"http://{a.address}:8000/segment", (shapes / "val/000001.jpg").read_bytes(),
+                             b.stop, settle_s=10)
+        lost_at = answers.event_time
+        failed = [(done, status) for _, done, status, _ in answers.requests if status != 200]
+        back = max((done for done, _ in failed), default=lost_at) - lost_at
+        print(f"host B lost under load: {len(answers.requests)} requests, {len(failed)} failed "
+              f"{sorted({s for _, s in failed})}, all answered again {back:.1f} s after")
+        assert all(done >= lost_at for done, _ in failed) and back < RECOVERY_S, answers.requests
+        assert answers.requests[-1][2] == 200
+        before = {replica for _, done, _, replica in answers.requests if done < lost_at}
+        after = {replica for sent, _, _, replica in answers.requests if sent > lost_at + back}
+        assert len(before) == 2 and len(after) == 1 and after < before, (before, after)  # B's replica answered
+        client.stop_job(job)
+        assert wait(client, job, timeout=120)[0] == JobStatus.STOPPED
+        (served,) = mlflow.search_runs([exp], filter_string="tags.job = 'serve'")
+        assert served.info.status == "FINISHED" and served.data.tags["model_version"] == "1"
+
+
+# How long after a host is lost requests may fail: until Serve's routers drop its replica.
+RECOVERY_S = 30.0
+
+
+@dataclass
+class Load:
+    requests: list[tuple[float, float, int, str]]  # (sent, answered, HTTP status or 0 for none, X-Replica), in order
+    event_time: float
+
+
+def load_until(url: str, body: bytes, event, settle_s: float, clients: int = 4) -> Load:
+    """Requests from `clients` threads, back to back: `event()` after 3 s, then on until
+    `settle_s` seconds without a failure after it (at most 120 s)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answers: list[tuple[float, float, int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            sent, replica = time.time(), ""
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as response:
+                    status, replica = response.status, response.headers.get("X-Replica", "")
+            except urllib.error.HTTPError as e:
+                status = e.code
+            except OSError:
+                status = 0
+            answers.append((sent, time.time(), status, replica))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    event_time = time.time()
+    event()
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        last_failure = max((done for _, done, s, _ in answers if s != 200), default=event_time)
+        if time.time() - last_failure > settle_s:
+            break
+        time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    return Load(sorted(answers), event_time)

@@ -68,11 +68,11 @@ def stats_metrics(stats: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_stats(follower: Any, client: Any, run_id: str, step: int) -> dict[str, Any] | None:
+def log_stats(follower: Any, client: Any, run_id: str, step: int, timeout_s: float = 30) -> dict[str, Any] | None:
     """The follower's counts logged to the run; None when it cannot answer now (restarting on
     another node after its own was lost): the serving goes on."""
     try:
-        stats = follower.stats.remote().result(timeout_s=30)
+        stats = follower.stats.remote().result(timeout_s=timeout_s)
     except Exception as e:  # noqa: BLE001 - Serve's errors for an actor being replaced
         log.warning("no request counts this time: %s", str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
         return None
@@ -117,7 +117,8 @@ def run(cfg: JobConfig) -> dict[str, Any]:
                     stats = log_stats(follower, client, run_id, step) or stats
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a server's normal end
                 print(f"stopping {s.name}", flush=True)
-            stats = log_stats(follower, client, run_id, step + 1) or stats
+            # Quickly: `ray job stop` kills the job 3 s after its SIGTERM.
+            stats = log_stats(follower, client, run_id, step + 1, timeout_s=1) or stats
             client.set_tag(run_id, "served_versions", json.dumps(stats.get("versions", [])))
         finally:
             if local:  # this job's Ray: all of Serve goes with it

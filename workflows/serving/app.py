@@ -6,7 +6,7 @@
          -> @serve.batch: the images of concurrent requests predicted in one model call, off the
             replica's event loop
          <- one row per image, as `mrcnn-infer` writes it; the version that produced it in the
-            row's `model_version` and the `X-Model-Version` header
+            row's `model_version` and the `X-Model-Version` header (`X-Replica`: which replica)
 
     ModelFollower (one replica, no CPU): resolves the alias every `serve.follow_every_s` and is
     the only one that does. Replicas load the version it holds, pinned (a restarted replica loads
@@ -200,7 +200,7 @@ class RequestError(Exception):
         self.status, self.headers = status, headers or {}
 
 
-async def _image_of(request: Request, body: bytes) -> tuple[bytes, str | None]:
+async def _image_of(request: Request, body: bytes, limit: int) -> tuple[bytes, str | None]:
     """The image bytes of a /segment request and the upload's file name (None for raw bytes)."""
     if not body:
         raise RequestError(400, "empty body: send the image's bytes (curl --data-binary @image.jpg) or a "
@@ -212,7 +212,7 @@ async def _image_of(request: Request, body: bytes) -> tuple[bytes, str | None]:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form()
+        form = await Request(request.scope, replay).form(max_part_size=limit)
     except Exception as e:  # noqa: BLE001 - a malformed multipart body
         raise RequestError(400, f"cannot read the multipart body: {e}") from None
     for value in form.values():
@@ -275,6 +275,7 @@ class Segmenter:
         reuse_large_blocks()
         self.device = torch.device("cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.limit = int(s.max_body_mb * 2**20)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.counts: Counter = Counter()
         self.latencies_ms: list[float] = []
         self.batch_sizes: Counter = Counter()
@@ -384,7 +385,8 @@ class Segmenter:
     def _respond(self, started: float, status: int, body: dict[str, Any], served: Served | None = None,
                  headers: dict[str, str] | None = None) -> JSONResponse:
         served = served or self.served
-        headers = {**(headers or {}), VERSION_HEADER: served.version or "", "X-Model-URI": served.uri}
+        headers = {**(headers or {}), VERSION_HEADER: served.version or "", "X-Model-URI": served.uri,
+                   "X-Replica": self.replica}
         self.counts[f"{status // 100}xx"] += 1
         self.latencies_ms.append((time.perf_counter() - started) * 1000)
         return JSONResponse(body, status_code=status, headers=headers)
@@ -419,7 +421,7 @@ class Segmenter:
             self._check_token(request)
             limits = self._limits(score_threshold, max_detections)
             body = await self._body(request)
-            data, name = await _image_of(request, body)
+            data, name = await _image_of(request, body, self.limit)
         except RequestError as e:
             return self._refuse(started, e)
         row, served = await self._row(data, name or "(request body)", *limits)
