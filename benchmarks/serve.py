@@ -45,7 +45,7 @@ PARAMS = {"score_threshold": 0.0, "max_detections": 10}
 BATCH = 4  # serve.max_batch_size's default
 
 
-def register(work: Path) -> str:
+def register(work: Path, overrides: list[str]) -> str:
     from mrcnn import build_model
     from workflows.config import as_dict, compose_config
     from workflows.logged_model import log_model
@@ -54,7 +54,7 @@ def register(work: Path) -> str:
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     torch.manual_seed(0)
-    model = build_model(compose_config(["model.num_classes=4"]).model)
+    model = build_model(compose_config(["model.num_classes=4", *overrides]).model)
     run_id = start_or_resume_run(uri, "maskrcnn", "bench-serve", {"model": as_dict(model.cfg)})
     log_model(uri, run_id, {"model": model.state_dict(), "model_config": model.cfg.to_dict(),
                             "label_map": {"category_ids": [1, 2, 3], "names": ["circle", "square", "triangle"]}})
@@ -142,6 +142,10 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=96)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", nargs="*", default=[], help="model overrides (default: r18_fpn_small)")
+    p.add_argument("--serve", nargs="*", default=[], help="more mrcnn-serve overrides (serve.max_batch_size=8 ...)")
+    p.add_argument("--servers", nargs="+", default=["segment", "invocations", "mlflow"],
+                   help="which to drive: segment, invocations (mrcnn-serve's two routes), mlflow")
     p.add_argument("--out", default="benchmarks/serve.json")
     a = p.parse_args()
 
@@ -150,10 +154,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     shapes = write_shapes_dataset(work / "shapes", 1, 32, a.size, 0)
     jpegs = [f.read_bytes() for f in sorted((shapes / "val").glob("*.jpg"))]
-    uri = register(work)
+    uri = register(work, a.model)
     gflops = matmul_gflops()
-    print(f"fp32 matrix products: {gflops:.0f} GFLOP/s; {a.threads} torch threads; {a.size} px images")
-    result: dict = {"gflops_fp32": gflops, "threads": a.threads, "size": a.size}
+    print(f"fp32 matrix products: {gflops:.0f} GFLOP/s; {a.threads} torch threads; {a.size} px images; "
+          f"model {' '.join(a.model) or 'r18_fpn_small'}")
+    result: dict = {"gflops_fp32": gflops, "threads": a.threads, "size": a.size, "model": a.model, "serve": a.serve}
     result["model_alone"] = model_alone(uri, jpegs, a.threads)
     print(f"model alone (batches of {BATCH}): {result['model_alone']:.1f} images/s")
 
@@ -166,7 +171,8 @@ def main() -> None:
     log = work / "mrcnn-serve.log"
     proc = subprocess.Popen([str(BIN / "mrcnn-serve"), f"output_dir={work / 'out'}", f"tracking.tracking_uri={uri}",
                              f"serve.model=models:/{NAME}@champion", f"serve.port={port}",
-                             f"serve.torch_threads={a.threads}"],
+                             *([] if any(o.startswith("serve.torch_threads=") for o in a.serve)
+                               else [f"serve.torch_threads={a.threads}"]), *a.serve],
                             env=env, cwd=work, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             start_new_session=True)
     try:
@@ -174,12 +180,16 @@ def main() -> None:
         for path, bodies, headers, key in (
                 (f"/segment?{query}", jpegs, {"Content-Type": "image/jpeg"}, "mrcnn_serve_segment"),
                 ("/invocations", frames, {"Content-Type": "application/json"}, "mrcnn_serve_invocations")):
+            if key.rsplit("_", 1)[1] not in a.servers:
+                continue
             result[key] = [asyncio.run(drive(f"http://127.0.0.1:{port}{path}", bodies, headers, c, a.requests))
                            for c in a.concurrency]
             print("\n".join(serve_rows(key, result[key])))
     finally:
         stop(proc)
-
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    if "mlflow" not in a.servers:
+        return
     port = 8932
     log = work / "mlflow-serve.log"
     proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager",
@@ -197,7 +207,7 @@ def main() -> None:
 
     print("\n| server | concurrency | images/s | p50 ms | p95 ms | p99 ms | statuses |\n|---|---|---|---|---|---|---|")
     for key in ("mrcnn_serve_segment", "mrcnn_serve_invocations", "mlflow_models_serve"):
-        print("\n".join(serve_rows(key, result[key])))
+        print("\n".join(serve_rows(key, result.get(key, []))))
     best = max(r["images_per_s"] for r in result["mrcnn_serve_segment"])
     print(f"model alone {result['model_alone']:.1f} images/s; mrcnn-serve /segment at best {best:.1f} "
           f"({best / result['model_alone']:.2f} of it)")

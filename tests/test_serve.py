@@ -304,7 +304,7 @@ def test_the_rayservice_manifest_builds_the_application(registry):
     os.environ[cfg.serve.token_env] = TOKEN
     try:
         app = serving.build_app({"overrides": [*overrides, f"tracking.tracking_uri={registry['uri']}",
-                                               f"serve.model=models:/{NAME}@champion"]})
+                                               f"serve.model=models:/{NAME}/1"]})
     finally:
         del os.environ[cfg.serve.token_env]
     segmenter = app._bound_deployment

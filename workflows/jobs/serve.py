@@ -38,6 +38,7 @@ def url_of(s: ServeConfig, host: str | None = None) -> str:
 def check_port_free(s: ServeConfig) -> None:
     """A local Ray's proxy would fail to bind a port in use and Serve keep retrying: say so now."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds: TIME_WAIT is no use
         try:
             sock.bind((s.host, s.port))
         except OSError as e:
