@@ -2,9 +2,9 @@
 
     HTTP -> Serve's proxy (one per node: `max_queued_requests` waiting, then 503 or 429 with
             Retry-After)
-         -> a Segmenter replica (FastAPI: bearer token, body limit, decoding in a thread)
-         -> @serve.batch: the images of concurrent requests predicted in one model call, off the
-            replica's event loop
+         -> a Segmenter replica (FastAPI: bearer token, body limit, query parameters)
+         -> @serve.batch: the images of concurrent requests decoded and predicted in one model
+            call, in the model's own thread (off the replica's event loop)
          <- one row per image, as `mrcnn-infer` writes it; the version that produced it in the
             row's `model_version` and the `X-Model-Version` header (`X-Replica`: which replica)
 
@@ -51,9 +51,9 @@ VERSION_HEADER = "X-Model-Version"
 # Latencies a replica keeps between reports, and the follower over the job's life (the newest).
 LATENCIES_KEPT = 100_000
 REPORT_EVERY_S = 2.0
-# OpenMP's threads sleep between model calls instead of spinning: in a replica the proxy, the
-# event loop and the clients need those CPUs (on 2 cores: 13 -> 23 images/s at 4 concurrent
-# requests, and a third less CPU an image).
+# OpenMP's threads sleep between model calls instead of spinning: beside a replica, the proxy,
+# its event loop and the clients need those CPUs (on 2 cores, one request at a time: 85 instead
+# of 147 ms of CPU an image, 13 instead of 9.5 images/s).
 REPLICA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # A replica's wait for a change of version returns after this long, to be asked again.
 LONG_POLL_S = 30.0
