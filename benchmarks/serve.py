@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--serve", nargs="*", default=[], help="more mrcnn-serve overrides (serve.max_batch_size=8 ...)")
     p.add_argument("--servers", nargs="+", default=["segment", "invocations", "mlflow"],
                    help="which to drive: segment, invocations (mrcnn-serve's two routes), mlflow")
-    p.add_argument("--out", default="benchmarks/serve.json")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results/serve.json"))
     a = p.parse_args()
 
     from mrcnn.data.shapes import write_shapes_dataset
@@ -201,6 +201,7 @@ def main() -> None:
             print("\n".join(serve_rows(key, result[key])))
     finally:
         stop(proc)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     if "mlflow" not in a.servers:
         return
