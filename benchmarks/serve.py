@@ -201,28 +201,26 @@ def main() -> None:
             print("\n".join(serve_rows(key, result[key])))
     finally:
         stop(proc)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    if "mlflow" not in a.servers:
-        return
-    port = 8932
-    log = work / "mlflow-serve.log"
-    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)],
-                            env={**env, "OMP_NUM_THREADS": str(a.threads)}, cwd=work, stdout=open(log, "wb"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/ping", proc, log)
-        result["mlflow_models_serve"] = levels(f"http://127.0.0.1:{port}/invocations", frames,
-                                               {"Content-Type": "application/json"}, a, ceiling)
-        print("\n".join(serve_rows("mlflow_models_serve", result["mlflow_models_serve"])))
-    finally:
-        stop(proc)
+    if "mlflow" in a.servers:
+        port = 8932
+        log = work / "mlflow-serve.log"
+        proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager",
+                                 "local", "-h", "127.0.0.1", "-p", str(port)],
+                                env={**env, "OMP_NUM_THREADS": str(a.threads)}, cwd=work, stdout=open(log, "wb"),  # noqa: SIM115
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/ping", proc, log)
+            result["mlflow_models_serve"] = levels(f"http://127.0.0.1:{port}/invocations", frames,
+                                                   {"Content-Type": "application/json"}, a, ceiling)
+            print("\n".join(serve_rows("mlflow_models_serve", result["mlflow_models_serve"])))
+        finally:
+            stop(proc)
 
     print("\n| server | concurrency | images/s | model alone | ratio | p50 ms | p95 ms | p99 ms | statuses |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for key in ("mrcnn_serve_segment", "mrcnn_serve_invocations", "mlflow_models_serve"):
         print("\n".join(serve_rows(key, result.get(key, []))))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
 
 
